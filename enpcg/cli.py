@@ -1,0 +1,87 @@
+"""The ``enpcg`` command line: one sub-command per pipeline stage.
+
+Every stage takes ``--config FILE.yaml`` and per-option flags (flags override the file, the file overrides
+the defaults); the resolved configuration is written beside the stage's outputs as ``<stage>.yaml`` once the
+stage has succeeded. Bad input exits with status 2 and a one-line message naming the file and field.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import STAGES, resolve_config
+from .errors import EnpcgError
+
+DESCRIPTIONS = {
+    "build": "Build and equilibrate a united-atom polyethylene melt as an OpenMM System.",
+    "sample": "Run atomistic MD and write positions, forces, box and energies to H5MD.",
+    "map": "Map atomistic frames to beads: CG H5MD (positions, forces), CG topology and PDB.",
+    "fit": "Fit a CG model (priors by Boltzmann inversion, MS-CG splines, or a neural model) by force matching.",
+    "export": "Export a fitted model as an OpenMM System (TorchForce, PythonForce or native tabulated forces).",
+    "simulate": "Run a CG simulation in OpenMM (Langevin, DCD trajectory, CSV log).",
+    "analyze": "Compare CG trajectories with the mapped reference: distributions, RDFs, report and plots.",
+    "demo": "Run every stage on the bundled polyethylene melt into one output folder.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enpcg", description="Multiscale coarse-graining for OpenMM. "
+                                     "Units: nm, ps, kJ/mol, amu, K.")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    sub.required = True
+    for stage, options in STAGES.items():
+        p = sub.add_parser(stage, help=DESCRIPTIONS[stage], description=DESCRIPTIONS[stage])
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags override it)")
+        for key, spec in options.items():
+            flag = "--" + key.replace("_", "-")
+            kw = {"dest": key, "default": None, "help": f"{spec['help']} (default: {spec['default']})"}
+            if spec["type"] is bool:
+                kw["type"] = str
+                kw["metavar"] = "true|false"
+            else:
+                kw["type"] = spec["type"]
+            if spec["choices"]:
+                kw["choices"] = spec["choices"]
+            p.add_argument(flag, **kw)
+    return parser
+
+
+def _config_path(stage: str, cfg: dict) -> Path:
+    out = Path(cfg["out"])
+    if out.suffix:  # a file output (sample): config beside it
+        return out.with_name(out.stem + f".{stage}.yaml")
+    return out / f"{stage}.yaml"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    stage = args.pop("stage")
+    config_file = args.pop("config")
+    try:
+        cfg = resolve_config(stage, config_file, args)
+        from . import pipeline
+        from .fileio import write_yaml
+
+        t0 = time.time()
+        result = getattr(pipeline, f"run_{stage}")(**cfg)
+        cfg_path = _config_path(stage, cfg)
+        write_yaml(cfg_path, cfg)
+    except EnpcgError as e:
+        print(f"enpcg {stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"enpcg {stage}: interrupted; completed outputs are kept and the stage resumes when run again",
+              file=sys.stderr)
+        return 130
+    print(f"enpcg {stage}: done in {time.time() - t0:.1f} s")
+    for name, path in (result or {}).items():
+        print(f"  {name}: {path}")
+    print(f"  config: {cfg_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

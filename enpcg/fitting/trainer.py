@@ -1,0 +1,353 @@
+"""Minibatch force matching of a neural (or any trainable) CG model.
+
+Units: positions and box in nm, forces in kJ/mol/nm, losses in (kJ/mol/nm)^2, RMSEs in kJ/mol/nm.
+
+The model is fitted to the residual forces F_ref - F_prior (the prior's forces are computed once, up front).
+Loss: mean squared force error over the beads and components of a minibatch of frames. Adam with
+ReduceLROnPlateau on the validation loss (or a cosine decay); the validation frames are a fixed, seeded split; training stops
+early when the validation loss has not improved for ``patience`` epochs, and the best weights are returned.
+
+Every epoch ends with an atomic checkpoint (``checkpoint.pt``: model, optimizer, scheduler, epoch, best
+weights, history, RNG states, all as tensors and plain containers so that ``torch.load(weights_only=True)``
+reads it). Frame shuffles are seeded from ``(seed, epoch)``, so a fit that is interrupted and resumed follows
+the same path as an uninterrupted one. Outputs in ``out_dir``: ``checkpoint.pt``, ``history.json``,
+``training_curve.png``.
+
+Test hook: with the environment variable ``ENPCG_STOP_AFTER_EPOCH=k``, the trainer raises KeyboardInterrupt
+right after the checkpoint of epoch k (epochs count from 1) is written.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import EnpcgError
+from ..fileio import atomic_path, write_json
+from ..models.base import batch_forces, model_dtype
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.json"
+CURVE = "training_curve.png"
+STOP_ENV = "ENPCG_STOP_AFTER_EPOCH"
+
+
+def _as_frames(x, name, dtype, shape_tail=None, n_frames=None) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x), dtype=dtype)
+    ok = t.ndim == 3 and (shape_tail is None or tuple(t.shape[1:]) == shape_tail)
+    if n_frames is not None:
+        ok = ok and t.shape[0] == n_frames
+    if not ok:
+        want = f"({n_frames if n_frames is not None else 'F'}, " + ", ".join(
+            str(s) for s in (shape_tail or ("n", 3))) + ")"
+        raise EnpcgError(f"train_force_matching: {name} must be shape {want}; you supplied {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise EnpcgError(f"train_force_matching: {name} contains NaN or infinite values; clean the data set")
+    return t
+
+
+def _prior_forces(prior, pos, box, batch_size, device) -> torch.Tensor:
+    """Forces (F, n, 3) kJ/mol/nm of a fixed prior, evaluated in batches on ``device``, returned on the CPU."""
+    out = []
+    for start in range(0, pos.shape[0], batch_size):
+        x = pos[start:start + batch_size].to(device)
+        b = None if box is None else box[start:start + batch_size].to(device)
+        _, f = batch_forces(prior, x, b)
+        out.append(f.detach().cpu())
+    return torch.cat(out)
+
+
+def _split(n_frames: int, val_fraction: float, seed: int):
+    """Fixed seeded split of frame indices into (train, val); at least one frame on each side."""
+    if not 0.0 < val_fraction < 1.0:
+        raise EnpcgError(f"train_force_matching: val_fraction must be in (0, 1); you supplied {val_fraction}")
+    if n_frames < 2:
+        raise EnpcgError(f"train_force_matching: need at least 2 frames to split train/val; got {n_frames}")
+    perm = np.random.default_rng(seed).permutation(n_frames)
+    n_val = min(n_frames - 1, max(1, int(round(val_fraction * n_frames))))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _epoch_order(train_idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    # The shuffle of epoch k depends only on (seed, k): resuming reproduces it without any saved RNG stream.
+    return train_idx[np.random.default_rng([seed, epoch]).permutation(len(train_idx))]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _fingerprint(model, pos, forces, box, train_idx, batch_size, lr, seed, prior, schedule,
+                 weight_decay, ema_decay) -> dict:
+    """What must match for a checkpoint to be resumed (plain Python values)."""
+    return {"kind": getattr(model, "kind", type(model).__name__), "config": repr(getattr(model, "config", {})),
+            "prior": None if prior is None else repr(getattr(prior, "config", type(prior).__name__)),
+            "n_frames": int(pos.shape[0]), "n_beads": int(pos.shape[1]), "periodic": box is not None,
+            "data_sum": float(pos.double().sum() + forces.double().sum()), "n_train": int(len(train_idx)),
+            "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "schedule": schedule,
+            "weight_decay": float(weight_decay), "ema_decay": float(ema_decay)}
+
+
+def write_training_curve(history: dict, path):
+    """Plot train/val force RMSE (kJ/mol/nm) and the learning rate per epoch into a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ep = history["epoch"]
+    ax.semilogy(ep, history["train_rmse"], label="train")
+    ax.semilogy(ep, history["val_rmse"], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("force RMSE (kJ/mol/nm)")
+    ax2 = ax.twinx()
+    ax2.semilogy(ep, history["lr"], color="0.6", ls=":", label="learning rate")
+    ax2.set_ylabel("learning rate")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train_force_matching(model, positions, forces, box=None, *, prior=None, out_dir, epochs: int = 100,
+                         batch_size: int = 16, lr: float = 1e-3, val_fraction: float = 0.1, patience: int = 20,
+                         seed: int = 0, device=None, progress: bool = True, resume: bool = True,
+                         max_minutes: Optional[float] = None, schedule: str = "plateau", weight_decay: float = 0.0,
+                         ema_decay: float = 0.0, select_best: bool = True,
+                         lr_factor: float = 0.5, lr_patience: int = 5, min_lr: float = 1e-6):
+    """Fit ``model`` to reference forces by minibatch force matching; returns ``(model, history)``.
+
+    Parameters
+    ----------
+    model : CGModel, its trainable parameters are fitted (in its own dtype); returned with the best weights,
+        on the device it came in on.
+    positions : array, shape=(F, n, 3), nm
+    forces : array, shape=(F, n, 3), kJ/mol/nm, reference (mapped) forces
+    box : array, shape=(F, 3, 3), nm rows, or None for a non-periodic system
+    prior : CGModel or None, fixed model whose forces are subtracted from the reference forces
+    out_dir : folder for ``checkpoint.pt``, ``history.json`` and ``training_curve.png``
+    epochs : maximum number of epochs; batch_size : frames per minibatch; lr : initial Adam learning rate
+    val_fraction : fraction of frames held out (a fixed split from ``seed``)
+    patience : epochs without validation improvement before stopping early
+    device : torch device or None (cuda when available, else cpu)
+    resume : continue from ``out_dir/checkpoint.pt`` when present (it must come from the same data and
+        settings); False starts afresh and overwrites it
+    max_minutes : stop (resumably) after this wall time in minutes
+    weight_decay : decoupled (AdamW) weight decay, per unit learning rate; applied to the parameters the model
+        names in ``model.optimizer_groups(weight_decay)`` when it has that method, else to all
+    ema_decay : if > 0, validate and keep an exponential moving average of the weights (per step:
+        w_ema <- ema_decay w_ema + (1 - ema_decay) w), which averages out minibatch noise; 0.99 suits noisy
+        forces
+    schedule : "plateau" (ReduceLROnPlateau on the validation loss: factor ``lr_factor`` after ``lr_patience``
+        epochs without improvement, down to ``min_lr``) or "cosine" (cosine decay from ``lr`` to ``min_lr``
+        over ``epochs``; it averages out minibatch noise on noisy forces)
+
+    Returns
+    -------
+    model, history : history is a dict of per-epoch lists ``epoch``, ``train_rmse``, ``val_rmse`` (kJ/mol/nm),
+        ``lr``, plus ``best_epoch``, ``best_val_rmse`` and ``stopped`` (why training ended).
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
+        if int(value) < 1:
+            raise EnpcgError(f"train_force_matching: {name} must be a positive integer; you supplied {value}")
+    if not lr > 0:
+        raise EnpcgError(f"train_force_matching: lr must be positive; you supplied {lr}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise EnpcgError(f"train_force_matching: ema_decay must be in [0, 1); you supplied {ema_decay}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    home = next(iter(model.parameters())).device
+    dtype = model_dtype(model)
+
+    pos = _as_frames(positions, "positions", dtype)
+    n_frames, n_beads = pos.shape[0], pos.shape[1]
+    ref = _as_frames(forces, "forces", dtype, (n_beads, 3), n_frames)
+    cell = None if box is None else _as_frames(box, "box", dtype, (3, 3), n_frames)
+    n_model = getattr(getattr(model, "topology", None), "n_beads", n_beads)
+    if n_model != n_beads:
+        raise EnpcgError(f"train_force_matching: positions have {n_beads} beads but the model's topology has "
+                         f"{n_model}; map the data with the same CG topology")
+    cutoff = getattr(model, "config", {}).get("cutoff")
+    if cell is not None and cutoff is not None:
+        # Smallest box width (distance between opposite faces) must exceed twice the cutoff.
+        a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]
+        vol = torch.abs(torch.linalg.det(cell))
+        widths = torch.stack([vol / torch.linalg.norm(torch.linalg.cross(b, c, dim=-1), dim=-1),
+                              vol / torch.linalg.norm(torch.linalg.cross(c, a, dim=-1), dim=-1),
+                              vol / torch.linalg.norm(torch.linalg.cross(a, b, dim=-1), dim=-1)])
+        if float(widths.min()) < 2.0 * cutoff:
+            raise EnpcgError(f"train_force_matching: model cutoff {cutoff} nm exceeds half the smallest box width "
+                             f"({float(widths.min()):.4g} nm); lower the cutoff in the model config")
+
+    model.to(device)
+    if prior is not None:
+        # The prior is evaluated in its own dtype (float64 data give float64 prior forces).
+        prior.to(device)
+        pdt = model_dtype(prior)
+        p_pos = _as_frames(positions, "positions", pdt)
+        p_box = None if box is None else _as_frames(box, "box", pdt)
+        target = ref - _prior_forces(prior, p_pos, p_box, batch_size, device).to(dtype)
+    else:
+        target = ref
+    train_idx, val_idx = _split(n_frames, val_fraction, seed)
+    # The data stay where the model is: a few hundred MB at most for CG data sets.
+    pos, target = pos.to(device), target.to(device)
+    cell = None if cell is None else cell.to(device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise EnpcgError("train_force_matching: the model has no trainable parameters")
+    # AdamW: with weight_decay=0 it is Adam. A model may say which parameters to decay (optimizer_groups);
+    # the neural model decays only its many-body branch, so that pair-like effects go to its pair channel.
+    groups_fn = getattr(model, "optimizer_groups", None)
+    if weight_decay and callable(groups_fn):
+        groups = groups_fn(float(weight_decay))
+    else:
+        groups = [{"params": params, "weight_decay": float(weight_decay), "ema_decay": float(ema_decay)}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    if schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=lr_factor,
+                                                               patience=lr_patience, min_lr=min_lr)
+    elif schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=min_lr)
+    else:
+        raise EnpcgError(f"train_force_matching: schedule must be 'plateau' or 'cosine'; you supplied "
+                         f"{schedule!r}")
+    fingerprint = _fingerprint(model, pos, target, cell, train_idx, batch_size, lr, seed, prior, schedule,
+                               weight_decay, ema_decay)
+    history = {"epoch": [], "train_rmse": [], "val_rmse": [], "lr": [], "best_epoch": 0,
+               "best_val_rmse": math.inf, "stopped": "running", "units": "kJ/mol/nm"}
+    # The weights that are validated and kept: the live model, or its moving average.
+    averaged = copy.deepcopy(model) if ema_decay > 0 else model
+    best_state = _cpu_state(model)
+    best_val = math.inf
+    bad_epochs = 0
+    start_epoch = 1
+    ckpt_path = out_dir / CHECKPOINT
+
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("fingerprint") != fingerprint:
+            raise EnpcgError(f"{ckpt_path}: checkpoint was written for other data or settings "
+                             f"({ckpt.get('fingerprint')} vs {fingerprint}); delete it or pass resume=False")
+        model.load_state_dict(ckpt["model"])
+        if ema_decay > 0:
+            averaged.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        best_state, best_val, bad_epochs = ckpt["best_state"], float(ckpt["best_val"]), int(ckpt["bad_epochs"])
+        history = ckpt["history"]
+        _set_rng_state(ckpt["rng"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        if history.get("stopped") == "early_stopping":
+            start_epoch = epochs + 1  # nothing left to do: return the best weights
+
+    def evaluate(idx) -> float:
+        """Mean squared force error (kJ/mol/nm)^2 over frames idx, without building a double graph."""
+        total = 0.0
+        for s in range(0, len(idx), batch_size):
+            b = torch.as_tensor(idx[s:s + batch_size], device=device)
+            _, f = batch_forces(averaged, pos[b], None if cell is None else cell[b])
+            total += float(((f.detach() - target[b]) ** 2).sum())
+        return total / (len(idx) * n_beads * 3)
+
+    stop_after = os.environ.get(STOP_ENV)
+    stop_after = int(stop_after) if stop_after else None
+    t0 = time.monotonic()
+    bar = tqdm(total=epochs, initial=min(start_epoch - 1, epochs), disable=not progress, desc="force matching",
+               unit="epoch")
+    stopped = history.get("stopped", "running") if start_epoch > epochs else "max_epochs"
+    try:
+        for epoch in range(start_epoch, epochs + 1):
+            model.train()
+            order = _epoch_order(train_idx, seed, epoch)
+            sq_sum = 0.0
+            for s in range(0, len(order), batch_size):
+                b = torch.as_tensor(order[s:s + batch_size], device=device)
+                _, f = batch_forces(model, pos[b], None if cell is None else cell[b], create_graph=True)
+                loss = ((f - target[b]) ** 2).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if ema_decay > 0:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()),
+                                             1.0 - ema_decay)
+                sq_sum += float(loss.detach()) * len(b)
+            train_mse = sq_sum / len(order)
+            model.eval()
+            val_mse = evaluate(val_idx)
+            if schedule == "plateau":
+                scheduler.step(val_mse)
+            else:
+                scheduler.step()
+            if val_mse < best_val or (not select_best and epoch == epochs):
+                best_val, best_state, bad_epochs = val_mse, _cpu_state(averaged), 0
+                history["best_epoch"], history["best_val_rmse"] = epoch, math.sqrt(val_mse)
+            else:
+                bad_epochs += 1
+            history["epoch"].append(epoch)
+            history["train_rmse"].append(math.sqrt(train_mse))
+            history["val_rmse"].append(math.sqrt(val_mse))
+            history["lr"].append(float(optimizer.param_groups[0]["lr"]))
+            finished = bad_epochs >= patience or epoch == epochs
+            out_of_time = max_minutes is not None and (time.monotonic() - t0) / 60.0 >= max_minutes
+            history["stopped"] = ("early_stopping" if bad_epochs >= patience else
+                                  "max_epochs" if epoch == epochs else
+                                  "max_minutes" if out_of_time else "running")
+            ckpt = {"model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_state": best_state,
+                    "best_val": best_val, "bad_epochs": bad_epochs, "history": history, "rng": _rng_state(),
+                    "fingerprint": fingerprint}
+            if ema_decay > 0:
+                ckpt["ema"] = _cpu_state(averaged)
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(ckpt, tmp)
+            bar.update(1)
+            bar.set_postfix(train=f"{history['train_rmse'][-1]:.4g}", val=f"{history['val_rmse'][-1]:.4g}",
+                            lr=f"{history['lr'][-1]:.2g}")
+            if stop_after is not None and epoch == stop_after:
+                raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}: stopped after the checkpoint of epoch {epoch}")
+            if finished or out_of_time:
+                stopped = history["stopped"]
+                break
+    finally:
+        bar.close()
+
+    history["stopped"] = stopped
+    model.load_state_dict(best_state)
+    model.eval()
+    model.to(home)
+    if prior is not None:
+        prior.to(home)
+    write_json(out_dir / HISTORY, history)
+    if history["epoch"]:
+        write_training_curve(history, out_dir / CURVE)
+    return model, history

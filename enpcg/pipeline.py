@@ -1,0 +1,312 @@
+"""The pipeline's stages as plain functions (keyword arguments in, dict of output paths out).
+
+The command line (:mod:`enpcg.cli`) resolves each stage's options and calls ``run_<stage>(**options)``;
+Python users may call these directly. Units: nm, ps, kJ/mol, amu, K.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EnpcgError
+
+KB = 0.008314462618  # kJ/mol/K
+DEFAULT_MAPPING = Path(__file__).resolve().parent.parent / "systems" / "mappings" / "polyethylene_4to1.yaml"
+
+
+def _say(msg):
+    print(f"[enpcg] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ build
+def run_build(out, n_chains, chain_length, temperature, equilibration_ps, seed):
+    """Build and equilibrate a polyethylene melt; writes ``out/melt.{system.xml,pdb,json}``."""
+    from systems.polyethylene import build_melt, save_melt
+
+    steps = int(round(equilibration_ps / 0.002))
+    melt = build_melt(n_chains=n_chains, chain_length=chain_length, temperature=temperature, seed=seed,
+                      npt_steps=2 * steps // 3, nvt_steps=steps - 2 * steps // 3, progress=True)
+    xml, pdb, meta = save_melt(melt, Path(out) / "melt")
+    _say(f"melt: {melt.n_particles} sites, density {melt.density():.4f} g/cm^3")
+    return {"system": xml, "pdb": pdb, "metadata": meta}
+
+
+def load_reference_system(reference):
+    """'default' (bundled melt), a folder written by ``enpcg build``, or 'SYSTEM.xml,STRUCTURE.pdb'."""
+    from systems.polyethylene import default_melt, load_melt, load_reference
+
+    if reference in ("default", "", None):
+        return default_melt()
+    if "," in str(reference):
+        xml, pdb = (s.strip() for s in str(reference).split(",", 1))
+        return load_reference(xml, pdb)
+    path = Path(reference)
+    if path.is_dir():
+        return load_melt(path / "melt")
+    raise EnpcgError(f"sample.reference {reference!r} is neither 'default', a build folder, nor 'XML,PDB'. "
+                     "Fix: pass --reference default, --reference out/melt, or --reference system.xml,system.pdb")
+
+
+# ------------------------------------------------------------------------------------------------ sample
+def run_sample(reference, out, n_frames, interval_steps, equilibration_steps, temperature, timestep, friction,
+               platform, seed):
+    """Atomistic Langevin MD with the reference's own Hamiltonian; frames and forces to H5MD (resumable)."""
+    from openmm_plugin.sampling import sample
+
+    ref = load_reference_system(reference)
+    path = sample(ref.system, ref.topology, ref.positions, out, n_frames=n_frames, interval_steps=interval_steps,
+                  temperature=temperature, timestep=timestep, friction=friction,
+                  platform=None if platform == "auto" else platform, seed=seed,
+                  equilibration_steps=equilibration_steps, box=ref.box)
+    return {"h5md": path}
+
+
+# ------------------------------------------------------------------------------------------------ map
+def run_map(mapping, input, atom_pdb, out):
+    """Map atomistic frames to beads: ``out/cg.h5``, ``out/cg_topology.json``, ``out/cg.pdb``."""
+    from .h5md import read_h5md
+    from .mapping import load_mapping, map_trajectory
+
+    mapping_path = DEFAULT_MAPPING if mapping in ("default", "", None) else Path(mapping)
+    head = read_h5md(input, frames=[0], require_forces=True)
+    m = load_mapping(mapping_path, atom_topology=atom_pdb or None, n_atoms=head.n_particles, masses=head.masses)
+    out = Path(out)
+    cg = map_trajectory(m, input, out / "cg.h5", out_topology_json=out / "cg_topology.json", out_pdb=out / "cg.pdb")
+    return {"cg_h5md": cg, "topology": out / "cg_topology.json", "pdb": out / "cg.pdb"}
+
+
+# ------------------------------------------------------------------------------------------------ fit
+def load_cg_dataset(path):
+    """(frames, topology) of a CG H5MD file written by ``enpcg map``."""
+    from .h5md import read_h5md
+    from .topology import CGTopology
+
+    fr = read_h5md(path, require_forces=True)
+    topo = json.loads(fr.topology_json) if fr.topology_json else None
+    if not isinstance(topo, dict) or "bead_types" not in topo:
+        raise EnpcgError(f"{path}: /parameters/enpcg/topology_json holds no CG topology (bead_types missing): "
+                         "this is not a mapped CG dataset. Fix: map the atomistic trajectory first (enpcg map) "
+                         "and fit on its cg.h5")
+    try:
+        return fr, CGTopology.from_dict(topo)
+    except (TypeError, EnpcgError) as e:
+        raise EnpcgError(f"{path}: /parameters/enpcg/topology_json: {e}") from None
+
+
+def _device(device):
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr, patience, device, seed, resume):
+    """Fit a CG model to a CG dataset by force matching and save it to ``out`` (model.json + model.pt)."""
+    from .models import load_model, save_model
+
+    fr, topology = load_cg_dataset(data)
+    meta = {"mapping_hash": fr.metadata.get("mapping_hash"), "training_data": str(data),
+            "n_frames": fr.n_frames, "temperature": temperature}
+    t0 = time.time()
+    if model == "priors":
+        from .fitting.boltzmann import fit_priors
+
+        fitted = fit_priors(fr.positions, fr.box, topology, temperature)
+    elif model == "spline":
+        from .fitting.mscg import fit_spline
+
+        fitted = fit_spline(fr.positions, fr.forces, fr.box, topology, cutoff=cutoff, temperature=temperature,
+                            device=_device(device))
+    else:
+        from .fitting.boltzmann import fit_priors
+        from .fitting.trainer import train_force_matching
+        from .models import create_model
+        from .models.composite import SumModel
+
+        prior_model = load_model(prior) if prior else fit_priors(fr.positions, fr.box, topology, temperature)
+        net = create_model("neural", topology, cutoff=min(cutoff, 1.0), seed=seed)
+        net, history = train_force_matching(net, fr.positions, fr.forces, fr.box, prior=prior_model,
+                                            out_dir=Path(out) / "training", epochs=epochs, batch_size=batch_size,
+                                            lr=lr, patience=patience, seed=seed, device=_device(device),
+                                            resume=resume)
+        fitted = SumModel(topology, [prior_model.double(), net.double()])
+    meta["fit_seconds"] = round(time.time() - t0, 2)
+    save_model(fitted.double(), out, metadata=meta)
+    return {"model": Path(out)}
+
+
+# ------------------------------------------------------------------------------------------------ export
+def run_export(model, backend, topology, pdb, out):
+    """Write ``out/system.xml`` (serialized CG System with the model's forces) and ``out/cg.pdb``."""
+    from openmm_plugin.system import CGPotential, save_system
+
+    from .topology import CGTopology
+
+    top = CGTopology.load_json(topology)
+    box = _pdb_box(pdb)
+    system = CGPotential(model).create_system(top, box=box, backend=backend)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_system(system, out / "system.xml")
+    shutil.copyfile(pdb, out / "cg.pdb")
+    return {"system": out / "system.xml", "pdb": out / "cg.pdb"}
+
+
+def _pdb_box(pdb):
+    from openmm import app, unit
+
+    try:
+        vecs = app.PDBFile(str(pdb)).topology.getPeriodicBoxVectors()
+    except FileNotFoundError:
+        raise EnpcgError(f"{pdb}: CG structure not found. Fix: run `enpcg map` first or pass --pdb") from None
+    if vecs is None:
+        raise EnpcgError(f"{pdb}: no CRYST1 record, so the periodic box is unknown. Fix: write the PDB with a box")
+    return np.array([[v[k] for k in range(3)] for v in vecs.value_in_unit(unit.nanometer)])
+
+
+def _pdb_positions(pdb):
+    from openmm import app, unit
+
+    return np.array(app.PDBFile(str(pdb)).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+
+
+# ------------------------------------------------------------------------------------------------ simulate
+def run_simulate(model, backend, pdb, out, time_ps, timestep, temperature, friction, report_ps, platform, seed,
+                 positions=None):
+    """CG Langevin simulation of a fitted model: ``out/trajectory.dcd``, ``out/log.csv``, ``out/final.xml``."""
+    from openmm_plugin.simulate import run_simulation
+    from openmm_plugin.system import CGPotential
+
+    pot = CGPotential(model)
+    box = _pdb_box(pdb)
+    pos = _pdb_positions(pdb) if positions is None else positions
+    system = pot.create_system(pot.topology, box=box, backend=backend)
+    steps = int(round(time_ps / timestep))
+    report = max(1, int(round(report_ps / timestep)))
+    res = run_simulation(system, pot.topology.to_openmm_topology(box), pos, box, out, steps=steps,
+                         timestep=timestep, temperature=temperature, friction=friction, report_interval=report,
+                         platform=None if platform == "auto" else platform, seed=seed)
+    pot.topology.write_pdb(Path(out) / "cg.pdb", pos, box)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ analyze
+def _parse_trajectories(spec):
+    items = []
+    for part in [s.strip() for s in str(spec).split(",") if s.strip()]:
+        label, _, path = part.rpartition("=")
+        items.append((label or Path(path).parent.name or Path(path).stem, path))
+    if not items:
+        raise EnpcgError("analyze.trajectories is empty. Fix: pass --trajectories LABEL=PATH[,LABEL=PATH]")
+    return items
+
+
+def load_reference_trajectory(reference, topology):
+    """mdtraj trajectory of the reference: a CG H5MD dataset or any mdtraj-readable file."""
+    from .analysis import trajectory_from_arrays
+    from .h5md import read_h5md
+
+    ref = Path(reference)
+    if ref.suffix in (".h5", ".h5md", ".hdf5"):
+        fr = read_h5md(ref, require_forces=False)
+        return trajectory_from_arrays(fr.positions, fr.box, topology, time=fr.time)
+    return _load_traj(ref, topology)
+
+
+def _load_traj(path, topology, skip_ps=0.0):
+    import mdtraj as md
+
+    path = Path(path)
+    if not path.exists():
+        raise EnpcgError(f"{path}: trajectory not found")
+    mdtop = md.Topology.from_openmm(topology.to_openmm_topology())
+    traj = md.load(str(path), top=mdtop)
+    if traj.n_atoms != topology.n_beads:
+        raise EnpcgError(f"{path}: {traj.n_atoms} particles, but the CG topology has {topology.n_beads} beads")
+    if skip_ps > 0 and traj.n_frames > 1:
+        t = traj.time - traj.time[0]
+        traj = traj[t >= skip_ps] if np.any(t >= skip_ps) else traj
+    return traj
+
+
+def run_analyze(reference, topology, trajectories, out, skip_ps, criteria_for=None, baseline=None):
+    """Compare trajectories with the reference; writes ``out/report.md``, ``out/metrics.json`` and plots."""
+    from . import analysis
+    from .topology import CGTopology
+
+    top = CGTopology.load_json(topology)
+    ref = load_reference_trajectory(reference, top)
+    results = {}
+    for label, path in _parse_trajectories(trajectories):
+        traj = _load_traj(path, top, skip_ps)
+        results[label] = analysis.compare_structure(ref, traj, top)
+    criteria = {}
+    base = results.get(baseline) if baseline else None
+    for label in (criteria_for or list(results)):
+        if label != baseline:
+            criteria[label] = analysis.structure_criteria(results[label], base)
+    out = Path(out)
+    plots = analysis.plot_comparison(list(results.values()), out, labels=list(results),
+                                     reference_label="mapped atomistic")
+    report = analysis.write_report(results, plots, out, "enpcg: CG structure against the mapped reference",
+                                   criteria=criteria)
+    return {"report": report, "metrics": out / "metrics.json"}
+
+
+# ------------------------------------------------------------------------------------------------ demo
+DEMO_BACKENDS = {"priors": "native", "spline": "native", "neural": "torch"}
+DEMO_LABELS = {"priors": "priors only", "spline": "spline (MS-CG)", "neural": "neural"}
+
+
+def run_demo(out, reference, models, n_frames, interval_steps, cg_time_ps, cg_timestep, epochs, platform, seed):
+    """Every stage on the bundled polyethylene melt, into one folder; ends with report.md and metrics.json."""
+    from .fileio import write_yaml
+    from .h5md import read_h5md
+
+    out = Path(out)
+    kinds = [m.strip() for m in str(models).split(",") if m.strip()]
+    bad = [m for m in kinds if m not in DEMO_BACKENDS]
+    if bad:
+        raise EnpcgError(f"demo.models has unknown model(s) {bad}; allowed: {list(DEMO_BACKENDS)}")
+    if "priors" not in kinds:
+        kinds.insert(0, "priors")  # the baseline every other model is judged against
+    temperature = 450.0
+    timings = {}
+
+    def stage(name, fn, **kw):
+        t0 = time.time()
+        _say(f"{name} ...")
+        res = fn(**kw)
+        timings[name] = round(time.time() - t0, 1)
+        write_yaml(out / "configs" / f"{name}.yaml", {k: str(v) if isinstance(v, Path) else v for k, v in kw.items()})
+        _say(f"{name} done in {timings[name]} s")
+        return res
+
+    stage("sample", run_sample, reference="default", out=out / "atomistic.h5", n_frames=n_frames,
+          interval_steps=interval_steps, equilibration_steps=5000, temperature=temperature, timestep=0.002,
+          friction=1.0, platform=platform, seed=seed)
+    stage("map", run_map, mapping="default", input=out / "atomistic.h5", atom_pdb="", out=out / "cg")
+    last = read_h5md(out / "cg" / "cg.h5", frames=[-1], require_forces=False)
+    start = last.positions[0]
+    trajectories = []
+    for kind in kinds:
+        model_dir = out / "models" / kind
+        prior = str(out / "models" / "priors") if kind == "neural" and "priors" in kinds else ""
+        stage(f"fit-{kind}", run_fit, data=out / "cg" / "cg.h5", model=kind, out=model_dir,
+              temperature=temperature, cutoff=1.2, prior=prior, epochs=epochs, batch_size=8, lr=3e-3,
+              patience=10, device="auto", seed=seed, resume=True)
+        stage(f"simulate-{kind}", run_simulate, model=model_dir, backend=DEMO_BACKENDS[kind],
+              pdb=out / "cg" / "cg.pdb", out=out / "sims" / kind, time_ps=cg_time_ps, timestep=cg_timestep,
+              temperature=temperature, friction=1.0, report_ps=0.5, platform=platform, seed=seed,
+              positions=start)
+        trajectories.append(f"{DEMO_LABELS[kind]}={out / 'sims' / kind / 'trajectory.dcd'}")
+    res = stage("analyze", run_analyze, reference=out / "cg" / "cg.h5", topology=out / "cg" / "cg_topology.json",
+                trajectories=",".join(trajectories), out=out / "report", skip_ps=min(10.0, cg_time_ps / 5),
+                criteria_for=[DEMO_LABELS[k] for k in kinds if k != "priors"], baseline=DEMO_LABELS["priors"])
+    write_yaml(out / "timings.yaml", timings)
+    return {"report": res["report"], "metrics": res["metrics"], "timings": out / "timings.yaml"}

@@ -1,0 +1,287 @@
+"""The front door for OpenMM scripts: a fitted CG model as an OpenMM System (in the manner of openmm-ml).
+
+>>> from openmm_plugin import CGPotential
+>>> potential = CGPotential("runs/pe/model")                 # a model directory (or a CGModel)
+>>> system = potential.create_system("runs/pe/cg.pdb")        # beads, masses, box, the model's forces
+>>> topology = potential.topology.to_openmm_topology(box)     # CG bonds declared, for reporters
+
+Units: nm, ps, kJ/mol, amu (OpenMM's). Box vectors are the rows of a (3, 3) array in nm.
+
+Also here: :func:`save_system` / :func:`load_system`, XML files of Systems. Loading goes around a crash of
+the installed openmm-torch (1.5 wheel with OpenMM 8.6): its XML deserializer segfaults on every TorchForce,
+so TorchForces are rebuilt here in Python from the module the XML carries. A System file holding a
+TorchForce or a PythonForce runs code when loaded or evaluated: load only files you trust.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch  # before openmm, so OpenMM's plugin loader finds libtorch for the openmm-torch kernels
+import openmm
+from openmm import app, unit
+
+from enpcg.errors import EnpcgError
+from enpcg.fileio import atomic_write
+from enpcg.models.base import CGModel, load_model
+from enpcg.topology import CGTopology
+
+from ._imports import import_openmmtorch
+from .export import _resolve_dtype, export_forces
+
+
+def _box_array(box, what: str) -> Optional[np.ndarray]:
+    """(3, 3) float64 nm from an array, a Quantity or a sequence of Vec3; None stays None."""
+    if box is None:
+        return None
+    if unit.is_quantity(box):
+        box = box.value_in_unit(unit.nanometer)
+    try:
+        arr = np.asarray(box, dtype=np.float64)  # Vec3 is a tuple: a list of three reads as (3, 3)
+    except (TypeError, ValueError):
+        raise EnpcgError(f"{what} must be a (3, 3) array of box vectors in nm; you supplied {box!r}") from None
+    if arr.shape != (3, 3):
+        raise EnpcgError(f"{what} must be shape (3, 3) (box vectors as rows, nm); you supplied {arr.shape}")
+    return arr
+
+
+def _names_match(model_names: list, other_names: list, width: Optional[int]) -> Optional[int]:
+    """Index of the first bead whose names differ (compared on ``width`` characters), or None."""
+    for i, (a, b) in enumerate(zip(model_names, other_names)):
+        a, b = a.strip(), b.strip()
+        if width is not None:
+            a, b = a[:width], b[:width]
+        if a != b:
+            return i
+    return None
+
+
+def _fitted_periodic(config: dict) -> bool:
+    """True when a model config (or any term of a "sum" model) declares ``periodic: true``."""
+    if config.get("periodic"):
+        return True
+    return any(_fitted_periodic(t.get("config", {})) for t in config.get("terms", []))
+
+
+class CGPotential:
+    """A fitted CG model, ready to become an OpenMM System.
+
+    Parameters
+    ----------
+    model_or_directory : CGModel or path
+        A model object, or a model directory (``model.json`` + ``model.pt``, see ``enpcg.models.save_model``).
+    dtype : torch.float32 | torch.float64 | "float32" | "float64" | None
+        Precision the exported model computes in (backends "torch" and "python"); None keeps the model's.
+
+    Attributes
+    ----------
+    model : CGModel
+    topology : CGTopology, the CG topology the model was fitted for (bead count, names, masses in amu).
+    """
+
+    def __init__(self, model_or_directory: Union[CGModel, str, Path], dtype=None):
+        if isinstance(model_or_directory, CGModel):
+            model = model_or_directory  # not converted here: the export copies it into ``dtype``
+        elif isinstance(model_or_directory, (str, Path)):
+            model = load_model(model_or_directory)
+        else:
+            raise EnpcgError(f"CGPotential takes a CGModel or a model directory; you supplied "
+                             f"{type(model_or_directory).__name__}")
+        _resolve_dtype(model, dtype)  # reject a bad dtype here rather than at export
+        self.model = model
+        self.dtype = dtype
+        self.topology: CGTopology = model.topology
+
+    def openmm_topology(self, box=None) -> app.Topology:
+        """The model's CG topology as an ``openmm.app.Topology`` (one residue per molecule, CG bonds
+        declared), with periodic box vectors ``box`` ((3, 3) nm) when given: for Simulation and reporters."""
+        return self.topology.to_openmm_topology(_box_array(box, "box") if box is not None else None)
+
+    def __repr__(self):
+        return f"CGPotential(kind={self.model.kind!r}, n_beads={self.topology.n_beads})"
+
+    # ------------------------------------------------------------------ topology checks
+    def _check_topology(self, cg_topology):
+        """Validate ``cg_topology`` against the model's; return (masses amu, box nm or None from it)."""
+        top = self.topology
+        if cg_topology is None:
+            return top.masses, None
+        width = None
+        box = None
+        masses = top.masses
+        source = type(cg_topology).__name__
+        if isinstance(cg_topology, CGTopology):
+            names = cg_topology.bead_names
+            masses = cg_topology.masses
+        elif isinstance(cg_topology, app.Topology):
+            names = [a.name for a in cg_topology.atoms()]
+            box = cg_topology.getPeriodicBoxVectors()
+        elif isinstance(cg_topology, (str, Path)):
+            path = Path(cg_topology)
+            if not path.exists():
+                raise EnpcgError(f"{path}: CG topology PDB not found")
+            try:
+                pdb = app.PDBFile(str(path))
+            except Exception as e:
+                raise EnpcgError(f"{path}: could not read it as a PDB file ({e})") from None
+            names = [a.name for a in pdb.topology.atoms()]
+            box = pdb.topology.getPeriodicBoxVectors()
+            width = 4  # PDB atom names hold 4 characters
+            source = str(path)
+        else:
+            raise EnpcgError(f"cg_topology must be a CGTopology, an openmm.app.Topology or a PDB path; you "
+                             f"supplied {type(cg_topology).__name__}")
+        if len(names) != top.n_beads:
+            raise EnpcgError(f"{source}: the topology has {len(names)} beads but the model was fitted for "
+                             f"{top.n_beads} beads; use the CG topology the model was fitted on (its cg.pdb / "
+                             "cg_topology.json)")
+        bad = _names_match(top.bead_names, names, width)
+        if bad is not None:
+            raise EnpcgError(f"{source}: bead {bad} is named {names[bad]!r} but the model expects "
+                             f"{top.bead_names[bad]!r} there (both have {top.n_beads} beads); the bead order "
+                             "must be the one the model was fitted on")
+        return masses, _box_array(box, f"{source} periodic box") if box is not None else None
+
+    # ------------------------------------------------------------------ systems
+    def create_system(self, cg_topology=None, *, box=None, backend: str = "torch",
+                      remove_cm_motion: bool = True, **kw) -> openmm.System:
+        """An OpenMM System of the CG beads with the model's forces.
+
+        Parameters
+        ----------
+        cg_topology : CGTopology | openmm.app.Topology | str | Path | None
+            Checked against the model's topology (bead count, bead names and order); a PDB path or an
+            OpenMM Topology also supplies the periodic box when ``box`` is None. None: the model's own.
+        box : (3, 3) array, nm, optional
+            Periodic box vectors (rows, OpenMM reduced form). Without a box (here or from ``cg_topology``)
+            the system is non-periodic.
+        backend : {"torch", "python", "native"}
+            See :func:`openmm_plugin.export.export_forces`.
+        remove_cm_motion : bool
+            Add a CMMotionRemover (OpenMM's default for MD).
+        **kw
+            ``periodic`` (default: whether there is a box), ``dtype``, ``force_group``, ``cuda_graphs``:
+            passed to :func:`export_forces`.
+
+        Returns
+        -------
+        openmm.System : one particle per bead (mass in amu), box vectors set, the model's forces.
+        """
+        masses, top_box = self._check_topology(cg_topology)
+        box = _box_array(box, "box") if box is not None else top_box
+        if box is None and "periodic" not in kw and _fitted_periodic(self.model.config):
+            raise EnpcgError(f"the {self.model.kind!r} model is periodic (its config says periodic: true) but no box "
+                             "was given: pass box=(3, 3) nm or a PDB/Topology with a CRYST1 box, or "
+                             "periodic=False to simulate it as an isolated cluster")
+        periodic = kw.pop("periodic", box is not None)
+        if periodic and box is None:
+            raise EnpcgError("periodic=True needs a box: pass box=(3, 3) nm or a PDB/Topology that has one")
+        system = openmm.System()
+        for m in masses:
+            system.addParticle(float(m))
+        if box is not None:
+            try:
+                system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+            except openmm.OpenMMException as e:
+                raise EnpcgError(f"box {box.tolist()} nm is not in OpenMM's reduced form (a along x, b in the xy "
+                                 f"plane, |b_x| <= a_x/2, ...): {e}") from None
+        if remove_cm_motion:
+            system.addForce(openmm.CMMotionRemover())
+        kw.setdefault("dtype", self.dtype)
+        for f in export_forces(self.model, backend, periodic=periodic, **kw):
+            system.addForce(f)
+        return system
+
+    def add_forces(self, system: openmm.System, *, backend: str = "torch", force_group: int = 0,
+                   periodic: bool = True, **kw) -> list:
+        """Add the model's forces to ``system`` (which must hold exactly the model's beads); return them.
+
+        ``periodic`` says whether the model sees the box (nm); ``**kw`` (``dtype``, ``cuda_graphs``) go to
+        :func:`export_forces`.
+        """
+        n = system.getNumParticles()
+        if n != self.topology.n_beads:
+            raise EnpcgError(f"the System has {n} particles but the model was fitted for {self.topology.n_beads} "
+                             "beads; add the forces to a System of the model's CG beads")
+        kw.setdefault("dtype", self.dtype)
+        forces = export_forces(self.model, backend, periodic=periodic, force_group=force_group, **kw)
+        for f in forces:
+            system.addForce(f)
+        return forces
+
+
+# ---------------------------------------------------------------------- System XML files
+def save_system(system: openmm.System, path) -> Path:
+    """Write ``system`` as OpenMM XML to ``path`` (atomically)."""
+    xml = openmm.XmlSerializer.serialize(system)
+    with atomic_write(path) as fh:
+        fh.write(xml)
+    return Path(path)
+
+
+def _torch_force_from_element(element: ET.Element):
+    """Rebuild a TorchForce from its XML element (the TorchScript module is hex or base64 encoded)."""
+    import base64
+    import binascii
+    import io
+
+    openmmtorch = import_openmmtorch()
+    encoded = element.get("encodedFileContents", "")
+    if not encoded:
+        raise EnpcgError("a TorchForce in the System XML has no encodedFileContents; it refers to a file "
+                         f"{element.get('file')!r} instead: rebuild it with TorchForce(file)")
+    try:
+        data = bytes.fromhex(encoded)
+    except ValueError:
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise EnpcgError("a TorchForce in the System XML has a module that is neither hex nor base64") from None
+    module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    properties = {p.get("name"): p.get("value") for p in element.iter("Property")}
+    force = openmmtorch.TorchForce(module, properties)
+    force.setForceGroup(int(element.get("forceGroup", "0")))
+    force.setUsesPeriodicBoundaryConditions(element.get("usesPeriodic", "0") == "1")
+    force.setOutputsForces(element.get("outputsForces", "0") == "1")
+    for child in element:
+        if child.tag == "GlobalParameters":
+            for p in child:
+                force.addGlobalParameter(p.get("name"), float(p.get("default")))
+        elif child.tag == "ParameterDerivatives":
+            for p in child:
+                force.addEnergyParameterDerivative(p.get("name"))
+    return force
+
+
+def deserialize_system(xml: str) -> openmm.System:
+    """An OpenMM System from its XML text; TorchForces are rebuilt in Python (see the module docstring)."""
+    root = ET.fromstring(xml)
+    forces_el = root.find("Forces")
+    if root.tag != "System" or forces_el is None:
+        return openmm.XmlSerializer.deserialize(xml)
+    force_elements = list(forces_el)
+    if not any(el.get("type") == "TorchForce" for el in force_elements):
+        return openmm.XmlSerializer.deserialize(xml)
+    import_openmmtorch()
+    for el in force_elements:
+        forces_el.remove(el)
+    system = openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode"))
+    for el in force_elements:
+        if el.get("type") == "TorchForce":
+            system.addForce(_torch_force_from_element(el))
+        else:
+            system.addForce(openmm.XmlSerializer.deserialize(ET.tostring(el, encoding="unicode")))
+    return system
+
+
+def load_system(path) -> openmm.System:
+    """Read a System XML file written by :func:`save_system` (or ``XmlSerializer``). Trusted files only."""
+    path = Path(path)
+    if not path.exists():
+        raise EnpcgError(f"{path}: System XML file not found")
+    try:
+        return deserialize_system(path.read_text())
+    except ET.ParseError as e:
+        raise EnpcgError(f"{path}: not valid XML ({e})") from None
