@@ -64,6 +64,8 @@ STAGES = {
         "temperature": _opt(450.0, "temperature of the data, K (Boltzmann inversion)"),
         "cutoff": _opt(1.2, "nonbonded cutoff, nm"),
         "prior": _opt("", "priors model folder the neural model is fitted on top of ('' = fit priors first)"),
+        "refine_iterations": _opt(0, "spline: iterative Boltzmann inversion steps after MS-CG (0 = pure MS-CG)"),
+        "refine_ps": _opt(20.0, "spline: CG simulation time per refinement step, ps"),
         "epochs": _opt(60, "neural: maximum epochs"),
         "batch_size": _opt(8, "neural: frames per minibatch"),
         "lr": _opt(3e-3, "neural: learning rate"),
@@ -103,7 +105,8 @@ STAGES = {
     "demo": {
         "out": _opt("out/demo", "output folder for every stage"),
         "reference": _opt("classical", "atomistic reference", choices=["classical"]),
-        "models": _opt("priors,spline,neural", "CG models to fit, simulate and compare"),
+        "models": _opt("priors,mscg,spline,neural", "CG models to fit, simulate and compare: priors, mscg "
+                       "(pure MS-CG splines), spline (MS-CG + IBI refinement), neural (priors + network)"),
         "n_frames": _opt(200, "atomistic frames sampled"),
         "interval_steps": _opt(500, "MD steps between frames"),
         "cg_time_ps": _opt(100.0, "CG simulation time per model, ps"),

@@ -105,7 +105,8 @@ def _device(device):
     return device
 
 
-def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr, patience, device, seed, resume):
+def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr, patience, device, seed, resume,
+            refine_iterations=0, refine_ps=20.0):
     """Fit a CG model to a CG dataset by force matching and save it to ``out`` (model.json + model.pt)."""
     from .models import load_model, save_model
 
@@ -122,6 +123,13 @@ def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr
 
         fitted = fit_spline(fr.positions, fr.forces, fr.box, topology, cutoff=cutoff, temperature=temperature,
                             device=_device(device))
+        meta["mscg_force_residual"] = getattr(fitted, "fit_info", {}).get("force_residual")
+        if refine_iterations > 0:
+            from .fitting.refine import refine_spline
+
+            fitted, history = refine_spline(fitted, fr.positions, fr.box, temperature,
+                                            iterations=refine_iterations, sim_ps=refine_ps, seed=seed)
+            meta["ibi_history"] = history
     else:
         from .fitting.boltzmann import fit_priors
         from .fitting.trainer import train_force_matching
@@ -259,8 +267,11 @@ def run_analyze(reference, topology, trajectories, out, skip_ps, criteria_for=No
 
 
 # ------------------------------------------------------------------------------------------------ demo
-DEMO_BACKENDS = {"priors": "native", "spline": "native", "neural": "torch"}
-DEMO_LABELS = {"priors": "priors only", "spline": "spline (MS-CG)", "neural": "neural"}
+DEMO_BACKENDS = {"priors": "native", "mscg": "native", "spline": "native", "neural": "torch"}
+DEMO_LABELS = {"priors": "priors only", "mscg": "spline (MS-CG)", "spline": "spline (MS-CG + IBI)",
+               "neural": "neural"}
+DEMO_FIT = {"priors": {"model": "priors"}, "mscg": {"model": "spline", "refine_iterations": 0},
+            "spline": {"model": "spline", "refine_iterations": 4}, "neural": {"model": "neural"}}
 
 
 def run_demo(out, reference, models, n_frames, interval_steps, cg_time_ps, cg_timestep, epochs, platform, seed):
@@ -297,9 +308,10 @@ def run_demo(out, reference, models, n_frames, interval_steps, cg_time_ps, cg_ti
     for kind in kinds:
         model_dir = out / "models" / kind
         prior = str(out / "models" / "priors") if kind == "neural" and "priors" in kinds else ""
-        stage(f"fit-{kind}", run_fit, data=out / "cg" / "cg.h5", model=kind, out=model_dir,
-              temperature=temperature, cutoff=1.2, prior=prior, epochs=epochs, batch_size=8, lr=3e-3,
-              patience=10, device="auto", seed=seed, resume=True)
+        fit_kw = {"refine_iterations": 0, "refine_ps": 20.0, **DEMO_FIT[kind]}
+        stage(f"fit-{kind}", run_fit, data=out / "cg" / "cg.h5", out=model_dir, temperature=temperature,
+              cutoff=1.2, prior=prior, epochs=epochs, batch_size=8, lr=3e-3, patience=10, device="auto",
+              seed=seed, resume=True, **fit_kw)
         stage(f"simulate-{kind}", run_simulate, model=model_dir, backend=DEMO_BACKENDS[kind],
               pdb=out / "cg" / "cg.pdb", out=out / "sims" / kind, time_ps=cg_time_ps, timestep=cg_timestep,
               temperature=temperature, friction=1.0, report_ps=0.5, platform=platform, seed=seed,

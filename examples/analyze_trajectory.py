@@ -33,9 +33,9 @@ def main(argv=None):
     angles_ref, angles_cg = analysis.bond_angles(ref, top.angles), analysis.bond_angles(traj, top.angles)
     print(f"angle JS {analysis.js_divergence(angles_ref.ravel(), angles_cg.ravel()):.4f} nats")
     t = top.type_names()[0]
-    r, g_ref = analysis.intermolecular_rdf(ref, top, t, t)
-    _, g_cg = analysis.intermolecular_rdf(traj, top, t, t, r_range=(0.0, float(r[-1] + (r[1] - r[0]) / 2)),
-                                          n_bins=len(r))
+    r_range = (0.0, analysis.max_rdf_range(ref, traj))  # same bins for both, within half the box
+    r, g_ref = analysis.intermolecular_rdf(ref, top, t, t, r_range=r_range)
+    _, g_cg = analysis.intermolecular_rdf(traj, top, t, t, r_range=r_range)
     print(f"RDF {t}-{t} first peak: reference {analysis.rdf_first_peak(r, g_ref)}, "
           f"CG {analysis.rdf_first_peak(r, g_cg)}; IAE {analysis.rdf_iae(r, g_ref, g_cg):.4f} nm")
 

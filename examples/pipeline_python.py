@@ -19,8 +19,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
 
-    if args.small:  # 3 chains of 48 sites, packed and equilibrated briefly
-        pipeline.run_build(out=out / "melt", n_chains=3, chain_length=48, temperature=450.0,
+    if args.small:  # 6 chains of 48 sites, packed and equilibrated briefly
+        pipeline.run_build(out=out / "melt", n_chains=6, chain_length=48, temperature=450.0,
                            equilibration_ps=4.0, seed=1)
         reference, n_frames, interval, cg_ps = out / "melt", 30, 100, 2.0
     else:
@@ -32,7 +32,7 @@ def main(argv=None):
     pipeline.run_map(mapping="default", input=out / "atomistic.h5", atom_pdb="", out=out / "cg")
     pipeline.run_fit(data=out / "cg" / "cg.h5", model="spline", out=out / "model", temperature=450.0,
                      cutoff=1.0 if args.small else 1.2, prior="", epochs=0, batch_size=8, lr=1e-3, patience=5,
-                     device="auto", seed=0, resume=True)
+                     device="auto", seed=0, resume=True, refine_iterations=0 if args.small else 4)
     pipeline.run_simulate(model=out / "model", backend="native", pdb=out / "cg" / "cg.pdb", out=out / "sim",
                           time_ps=cg_ps, timestep=0.01, temperature=450.0, friction=1.0, report_ps=0.1,
                           platform="auto", seed=0)

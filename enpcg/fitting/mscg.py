@@ -246,7 +246,8 @@ def fit_spline(positions, forces, box, topology, *, cutoff: float, pair_knots: i
                angle_knots: int = 20, dihedral_knots: int = 24, temperature: float = 300.0,
                device: Optional[str] = None, batch_frames: Optional[int] = None, ridge: float = 1e-5,
                grid_per_knot: int = 5, wall_kT: float = 100.0, periodic: Optional[bool] = None,
-               pair_search: str = "auto", progress: bool = True) -> SplineModel:
+               pair_search: str = "auto", num_threads: Optional[int] = None,
+               progress: bool = True) -> SplineModel:
     """Fit a :class:`SplineModel` to reference forces by MS-CG linear force matching.
 
     Parameters
@@ -268,6 +269,8 @@ def fit_spline(positions, forces, box, topology, *, cutoff: float, pair_knots: i
     wall_kT : wall curvature outside the sampled range, in kT per (sampled width)^2 (0.1 nm for pairs)
     periodic : use the minimum image (default: box is not None)
     pair_search : "auto" (vesin-torch's cell list if installed), "vesin" or "dense" (all pairs, in torch)
+    num_threads : torch CPU threads during the fit (restored afterwards); default: leave torch's setting.
+        On a small machine shared with other work, 1 can be several times faster than torch's default.
     progress : show tqdm progress bars
 
     Returns
@@ -275,6 +278,25 @@ def fit_spline(positions, forces, box, topology, *, cutoff: float, pair_knots: i
     SplineModel (float64) with ``fit_info`` (dict): ``force_residual`` = ||F_fit - F_ref|| / ||F_ref|| of
     the fitted B-splines over all frames, ``n_coefficients``, ``time_s``, per-table sampled ranges.
     """
+    if num_threads is None:
+        return _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots, angle_knots,
+                           dihedral_knots, temperature, device, batch_frames, ridge, grid_per_knot, wall_kT,
+                           periodic, pair_search, progress)
+    if int(num_threads) < 1:
+        raise EnpcgError(f"fit_spline: num_threads must be >= 1; received {num_threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(num_threads))
+    try:
+        return _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots, angle_knots,
+                           dihedral_knots, temperature, device, batch_frames, ridge, grid_per_knot, wall_kT,
+                           periodic, pair_search, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots, angle_knots, dihedral_knots,
+                temperature, device, batch_frames, ridge, grid_per_knot, wall_kT, periodic, pair_search,
+                progress) -> SplineModel:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()

@@ -3,9 +3,11 @@
 Units: positions and box in nm, forces in kJ/mol/nm, losses in (kJ/mol/nm)^2, RMSEs in kJ/mol/nm.
 
 The model is fitted to the residual forces F_ref - F_prior (the prior's forces are computed once, up front).
-Loss: mean squared force error over the beads and components of a minibatch of frames. Adam with
-ReduceLROnPlateau on the validation loss (or a cosine decay); the validation frames are a fixed, seeded split; training stops
-early when the validation loss has not improved for ``patience`` epochs, and the best weights are returned.
+Loss: mean squared force error over the beads and components of a minibatch of frames. AdamW (Adam when
+``weight_decay=0``) with ReduceLROnPlateau on the validation loss or a cosine decay, optionally an exponential
+moving average (EMA) of the weights; the validation frames are a fixed, seeded split; training stops early
+when the validation loss has not improved for ``patience`` epochs, and the best weights are returned (or the
+last ones, ``select_best=False``: on very noisy forces the validation loss cannot rank late epochs).
 
 Every epoch ends with an atomic checkpoint (``checkpoint.pt``: model, optimizer, scheduler, epoch, best
 weights, history, RNG states, all as tensors and plain containers so that ``torch.load(weights_only=True)``
@@ -39,7 +41,8 @@ STOP_ENV = "ENPCG_STOP_AFTER_EPOCH"
 
 
 def _as_frames(x, name, dtype, shape_tail=None, n_frames=None) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x), dtype=dtype)
+    # A copy: the caller's arrays (possibly read-only) are never aliased or modified.
+    t = torch.tensor(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x), dtype=dtype)
     ok = t.ndim == 3 and (shape_tail is None or tuple(t.shape[1:]) == shape_tail)
     if n_frames is not None:
         ok = ok and t.shape[0] == n_frames
@@ -96,15 +99,12 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _fingerprint(model, pos, forces, box, train_idx, batch_size, lr, seed, prior, schedule,
-                 weight_decay, ema_decay) -> dict:
-    """What must match for a checkpoint to be resumed (plain Python values)."""
+def _fingerprint(model, pos, forces, box, prior, settings: dict) -> dict:
+    """What must match for a checkpoint to be resumed (plain Python values): model, data, settings."""
     return {"kind": getattr(model, "kind", type(model).__name__), "config": repr(getattr(model, "config", {})),
             "prior": None if prior is None else repr(getattr(prior, "config", type(prior).__name__)),
             "n_frames": int(pos.shape[0]), "n_beads": int(pos.shape[1]), "periodic": box is not None,
-            "data_sum": float(pos.double().sum() + forces.double().sum()), "n_train": int(len(train_idx)),
-            "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "schedule": schedule,
-            "weight_decay": float(weight_decay), "ema_decay": float(ema_decay)}
+            "data_sum": float(pos.double().sum() + forces.double().sum()), **settings}
 
 
 def write_training_curve(history: dict, path):
@@ -134,8 +134,8 @@ def write_training_curve(history: dict, path):
 def train_force_matching(model, positions, forces, box=None, *, prior=None, out_dir, epochs: int = 100,
                          batch_size: int = 16, lr: float = 1e-3, val_fraction: float = 0.1, patience: int = 20,
                          seed: int = 0, device=None, progress: bool = True, resume: bool = True,
-                         max_minutes: Optional[float] = None, schedule: str = "plateau", weight_decay: float = 0.0,
-                         ema_decay: float = 0.0, select_best: bool = True,
+                         max_minutes: Optional[float] = None, schedule: str = "plateau",
+                         weight_decay: float = 0.0, ema_decay: float = 0.0, select_best: bool = True,
                          lr_factor: float = 0.5, lr_patience: int = 5, min_lr: float = 1e-6):
     """Fit ``model`` to reference forces by minibatch force matching; returns ``(model, history)``.
 
@@ -163,11 +163,14 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
     schedule : "plateau" (ReduceLROnPlateau on the validation loss: factor ``lr_factor`` after ``lr_patience``
         epochs without improvement, down to ``min_lr``) or "cosine" (cosine decay from ``lr`` to ``min_lr``
         over ``epochs``; it averages out minibatch noise on noisy forces)
+    select_best : keep the weights of the epoch with the lowest validation loss (True) or of the last epoch
 
     Returns
     -------
     model, history : history is a dict of per-epoch lists ``epoch``, ``train_rmse``, ``val_rmse`` (kJ/mol/nm),
-        ``lr``, plus ``best_epoch``, ``best_val_rmse`` and ``stopped`` (why training ended).
+        ``lr``, plus ``best_epoch`` and ``best_val_rmse`` (lowest validation loss), ``kept_epoch`` (the epoch
+        whose weights are returned) and ``stopped`` (why training ended: "early_stopping", "max_epochs",
+        "max_minutes").
     """
     from tqdm.auto import tqdm
 
@@ -230,7 +233,7 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
     if weight_decay and callable(groups_fn):
         groups = groups_fn(float(weight_decay))
     else:
-        groups = [{"params": params, "weight_decay": float(weight_decay), "ema_decay": float(ema_decay)}]
+        groups = [{"params": params, "weight_decay": float(weight_decay)}]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     if schedule == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=lr_factor,
@@ -240,10 +243,14 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
     else:
         raise EnpcgError(f"train_force_matching: schedule must be 'plateau' or 'cosine'; you supplied "
                          f"{schedule!r}")
-    fingerprint = _fingerprint(model, pos, target, cell, train_idx, batch_size, lr, seed, prior, schedule,
-                               weight_decay, ema_decay)
+    # Settings that shape the optimisation path (epochs may grow on resume; patience, max_minutes may change).
+    settings = {"batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
+                "val_fraction": float(val_fraction), "schedule": schedule, "weight_decay": float(weight_decay), "ema_decay": float(ema_decay),
+                "select_best": bool(select_best), "lr_factor": float(lr_factor), "lr_patience": int(lr_patience),
+                "min_lr": float(min_lr)}
+    fingerprint = _fingerprint(model, pos, target, cell, prior, settings)
     history = {"epoch": [], "train_rmse": [], "val_rmse": [], "lr": [], "best_epoch": 0,
-               "best_val_rmse": math.inf, "stopped": "running", "units": "kJ/mol/nm"}
+               "best_val_rmse": math.inf, "kept_epoch": 0, "stopped": "running", "units": "kJ/mol/nm"}
     # The weights that are validated and kept: the live model, or its moving average.
     averaged = copy.deepcopy(model) if ema_decay > 0 else model
     best_state = _cpu_state(model)
@@ -308,11 +315,15 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                 scheduler.step(val_mse)
             else:
                 scheduler.step()
-            if val_mse < best_val or (not select_best and epoch == epochs):
-                best_val, best_state, bad_epochs = val_mse, _cpu_state(averaged), 0
+            improved = val_mse < best_val
+            if improved:
+                best_val, bad_epochs = val_mse, 0
                 history["best_epoch"], history["best_val_rmse"] = epoch, math.sqrt(val_mse)
             else:
                 bad_epochs += 1
+            if improved or not select_best:
+                best_state = _cpu_state(averaged)
+                history["kept_epoch"] = epoch
             history["epoch"].append(epoch)
             history["train_rmse"].append(math.sqrt(train_mse))
             history["val_rmse"].append(math.sqrt(val_mse))

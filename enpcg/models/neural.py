@@ -118,7 +118,8 @@ class NeuralModel(CGModel):
             raise EnpcgError("neural model config: n_layers=0 with pair_term=false leaves no energy term; set "
                              "n_layers >= 1 or pair_term: true")
         self.config = {"cutoff": cutoff, "n_rbf": n_rbf, "hidden": hidden, "n_layers": n_layers,
-                       "pair_term": bool(pair_term), "core": bool(core), "energy_scale": float(energy_scale), "seed": int(seed)}
+                       "pair_term": bool(pair_term), "core": bool(core), "energy_scale": float(energy_scale),
+                       "seed": int(seed)}
         self.cutoff = cutoff
         self.hidden = hidden
         self.n_rbf = n_rbf
