@@ -294,7 +294,9 @@ def run_demo(out, reference, models, n_frames, interval_steps, cg_time_ps, cg_ti
         _say(f"{name} ...")
         res = fn(**kw)
         timings[name] = round(time.time() - t0, 1)
-        write_yaml(out / "configs" / f"{name}.yaml", {k: str(v) if isinstance(v, Path) else v for k, v in kw.items()})
+        write_yaml(out / "configs" / f"{name}.yaml",
+                   {k: str(v) if isinstance(v, Path) else ("last mapped frame" if isinstance(v, np.ndarray) else v)
+                    for k, v in kw.items()})
         _say(f"{name} done in {timings[name]} s")
         return res
 

@@ -177,8 +177,8 @@ def test_forces_are_central_differences(top, model64):
 
 
 def test_smooth_cutoff():
-    """Two beads: zero force and the isolated-bead energy at r >= rc (exactly), and the force falls off
-    smoothly to zero at rc: |F(rc - 1e-3 nm)| < 1e-4 max|F|."""
+    """Two beads: zero energy and force at r >= rc (exactly), and the force falls off smoothly to zero at rc:
+    |F(rc - 1e-3 nm)| < 1e-4 max|F|."""
     top = CGTopology(["a", "b"], ["A", "A"], [1.0, 1.0], [0, 1])
     rc = 0.8
     m = random_model(top, seed=1, cutoff=rc)
@@ -188,6 +188,7 @@ def test_smooth_cutoff():
         return e[0], f[0, 1, 0]
 
     e_far, _ = fx(10.0)
+    assert e_far == 0.0  # separated beads: no edge, and bead energies are relative to the isolated bead
     for r in (rc, rc + 1e-9, rc + 0.05, 2.5):
         e, f = fx(r)
         assert f == 0.0 and e == e_far
@@ -214,6 +215,35 @@ def test_scripted_equals_eager(top, dtype, tol):
         _, f_e = batch_forces(m, x[None], b)
         _, f_s = batch_forces(s, x[None], b)
         assert rel(f_s.detach(), f_e.detach()) < tol
+
+
+@pytest.mark.parametrize("config", [dict(n_layers=0), dict(pair_term=False, core=False), dict(core=False)])
+def test_model_variants_script_and_are_invariant(top, config):
+    """Pair-only, many-body-only and core-free variants: scripted == eager (rel 1e-12) and rotation
+    invariant (rel 1e-10), float64."""
+    m = random_model(top, seed=8, **config)
+    s = torch.jit.script(m)
+    rng = np.random.default_rng(9)
+    x = cluster_positions(top, rng)
+    e0, f0 = forces(m, x[None])
+    e1, f1 = forces(s, x[None])
+    assert abs(e1[0] - e0[0]) <= 1e-12 * max(1.0, abs(e0[0])) and rel(f1, f0) < 1e-12
+    rot = random_rotation(rng)
+    e2, f2 = forces(m, (x @ rot.T)[None])
+    assert abs(e2[0] - e0[0]) <= 1e-10 * max(1.0, abs(e0[0])) and rel(f2[0], f0[0] @ rot.T) < 1e-10
+
+
+@pytest.mark.parametrize("config,field", [(dict(cutoff=-1.0), "cutoff"), (dict(hidden=1), "hidden"),
+                                          (dict(n_layers=0, pair_term=False), "n_layers"),
+                                          (dict(energy_scale=0.0), "energy_scale")])
+def test_bad_config_is_a_user_error(top, config, field):
+    """A bad config raises EnpcgError naming the field (create_model wraps unknown keys the same way)."""
+    from enpcg.errors import EnpcgError
+
+    with pytest.raises(EnpcgError, match=field):
+        create_model("neural", top, **config)
+    with pytest.raises(EnpcgError, match="bogus"):
+        create_model("neural", top, bogus=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -279,8 +309,8 @@ def test_known_answer_lj_dimers(tmp_path, deterministic_openmm_cpu):
         weight_decay=3.0, ema_decay=0.99, val_fraction=0.05, select_best=False, progress=False)
     assert history["epoch"] == list(range(1, 11)) and history["val_rmse"][-1] < history["val_rmse"][0]
 
-    x = torch.as_tensor(data.positions[test])
-    box = torch.as_tensor(data.box[test])
+    x = torch.tensor(data.positions[test])  # copies: the data arrays are read-only
+    box = torch.tensor(data.box[test])
     _, f_prior = batch_forces(prior, x, box)
     _, f_nn = batch_forces(model, x.float(), box.float())
     exact = data.forces_exact[test]
@@ -296,8 +326,8 @@ def test_known_answer_lj_dimers(tmp_path, deterministic_openmm_cpu):
                               repulsion=prior.config["repulsion"])
     pair_model = SumModel(pair_top, [pair_prior, pair_nn.double()])
     pairs = all_pairs(top.n_beads, torch.as_tensor(top.excluded_pairs()))
-    r = torch.linalg.norm(pair_vectors(torch.as_tensor(data.positions), pairs[:, 0], pairs[:, 1],
-                                       torch.as_tensor(data.box)), dim=-1).numpy().ravel()
+    r = torch.linalg.norm(pair_vectors(torch.tensor(data.positions), pairs[:, 0], pairs[:, 1],
+                                       torch.tensor(data.box)), dim=-1).numpy().ravel()
     lo, hi = np.percentile(r[r < p["cutoff"]], [1.0, 99.0])
     grid = np.linspace(lo, hi, 200)
     xy = torch.zeros(len(grid), 2, 3, dtype=torch.float64)
@@ -321,7 +351,8 @@ def test_interrupt_and_resume_match_uninterrupted_fit(top, tmp_path, monkeypatch
     uninterrupted one (max |dw| <= 1e-6 max |w|; val RMSE rel 1e-6); the same holds for a fit run as
     epochs=3, then epochs=6 (plateau schedule). Checkpoint, history JSON and PNG curve are written."""
     pos, f = small_training_set(top)
-    kw = dict(epochs=6, batch_size=4, lr=3e-3, progress=False, seed=5)
+    # CPU: bitwise reproducible (CUDA index_add_ uses atomics, so GPU runs agree only to round-off).
+    kw = dict(epochs=6, batch_size=4, lr=3e-3, progress=False, seed=5, device="cpu")
 
     def fresh():
         return create_model("neural", top, cutoff=0.9, hidden=8, n_layers=1, seed=2)
@@ -359,7 +390,7 @@ def test_resume_refuses_a_foreign_checkpoint(top, tmp_path):
     from enpcg.errors import EnpcgError
 
     pos, f = small_training_set(top, n_frames=8)
-    kw = dict(epochs=1, batch_size=4, progress=False)
+    kw = dict(epochs=1, batch_size=4, progress=False, device="cpu")
     train_force_matching(create_model("neural", top, hidden=8, n_layers=1), pos, f, None, out_dir=tmp_path, **kw)
     with pytest.raises(EnpcgError, match="checkpoint.pt"):
         train_force_matching(create_model("neural", top, hidden=8, n_layers=1), pos * 1.01, f, None,

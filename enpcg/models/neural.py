@@ -72,7 +72,10 @@ class InteractionBlock(torch.nn.Module):
     def forward(self, x: Tensor, w: Tensor, src: Tensor, dst: Tensor) -> Tensor:
         """x (N, hidden) bead states; w (E2, hidden) filters of directed edges src -> dst (E2,)."""
         y = self.in2f(x)
-        msg = torch.zeros_like(y).index_add_(0, dst, w * y.index_select(0, src))
+        return self.update(x, torch.zeros_like(y).index_add_(0, dst, w * y.index_select(0, src)))
+
+    def update(self, x: Tensor, msg: Tensor) -> Tensor:
+        """Residual update of states x (N, hidden) from summed messages msg (N, hidden)."""
         return x + self.out(torch.nn.functional.silu(self.f2out(msg)))
 
 
@@ -105,15 +108,17 @@ class NeuralModel(CGModel):
     seed : int, seed of the weight initialisation (the global RNG is left untouched)
     """
 
-    def __init__(self, topology, cutoff: float = 1.0, n_rbf: int = 8, hidden: int = 32, n_layers: int = 2,
+    def __init__(self, topology, cutoff: float = 1.0, n_rbf: int = 8, hidden: int = 16, n_layers: int = 2,
                  pair_term: bool = True, core: bool = True, energy_scale: float = 1.0, seed: int = 0):
         super().__init__(topology)
         cutoff, n_rbf, hidden, n_layers = float(cutoff), int(n_rbf), int(hidden), int(n_layers)
-        for name, value, ok in (("cutoff", cutoff, cutoff > 0), ("n_rbf", n_rbf, n_rbf >= 1),
-                                ("hidden", hidden, hidden >= 2), ("n_layers", n_layers, n_layers >= 0)):
+        energy_scale = float(energy_scale)
+        for name, value, ok, rule in (("cutoff", cutoff, cutoff > 0, "> 0 nm"), ("n_rbf", n_rbf, n_rbf >= 1, ">= 1"),
+                                      ("hidden", hidden, hidden >= 2, ">= 2"),
+                                      ("n_layers", n_layers, n_layers >= 0, ">= 0"),
+                                      ("energy_scale", energy_scale, energy_scale > 0, "> 0 kJ/mol")):
             if not ok:
-                raise EnpcgError(f"neural model config field {name!r}: received {value}; it must be "
-                                 f"{'>= 0' if name == 'n_layers' else '>= 2' if name == 'hidden' else '> 0'}")
+                raise EnpcgError(f"neural model config field {name!r}: received {value}; it must be {rule}")
         if n_layers == 0 and not pair_term:
             raise EnpcgError("neural model config: n_layers=0 with pair_term=false leaves no energy term; set "
                              "n_layers >= 1 or pair_term: true")
@@ -206,15 +211,17 @@ class NeuralModel(CGModel):
             w_all = self.filter_out(h) * env
             src = torch.cat([jj, ii])
             dst = torch.cat([ii, jj])
-            x0 = self.type_embedding(self.types)  # (n, hidden): states of isolated beads
+            x0 = self.type_embedding(self.types)  # (n, hidden)
             x = x0.repeat(n_frames, 1)  # (B * n, hidden)
+            x_free = x0  # the same beads with no neighbours
             k = 0
             for block in self.blocks:
                 w = w_all[:, k * self.hidden:(k + 1) * self.hidden]
                 x = block(x, torch.cat([w, w]), src, dst)
+                x_free = block.update(x_free, torch.zeros_like(x_free))
                 k += 1
             # Bead energies relative to isolated beads, so that separated beads have zero energy.
-            e_bead = self._bead_energy(x).reshape(n_frames, n) - self._bead_energy(x0)
+            e_bead = self._bead_energy(x).reshape(n_frames, n) - self._bead_energy(x_free)
             energy = energy + e_bead.sum(dim=1)
         return energy * self.energy_scale
 
