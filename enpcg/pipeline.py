@@ -106,7 +106,7 @@ def _device(device):
 
 
 def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr, patience, device, seed, resume,
-            refine_iterations=0, refine_ps=20.0):
+            refine_iterations=0, refine_ps=20.0, max_minutes=0.0):
     """Fit a CG model to a CG dataset by force matching and save it to ``out`` (model.json + model.pt)."""
     from .models import load_model, save_model
 
@@ -141,7 +141,8 @@ def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr
         net, history = train_force_matching(net, fr.positions, fr.forces, fr.box, prior=prior_model,
                                             out_dir=Path(out) / "training", epochs=epochs, batch_size=batch_size,
                                             lr=lr, patience=patience, seed=seed, device=_device(device),
-                                            resume=resume)
+                                            resume=resume, max_minutes=max_minutes or None)
+        meta["training"] = {"best_epoch": history.get("best_epoch"), "val_rmse": history["val_rmse"][-1:]}
         fitted = SumModel(topology, [prior_model.double(), net.double()])
     meta["fit_seconds"] = round(time.time() - t0, 2)
     save_model(fitted.double(), out, metadata=meta)
@@ -313,7 +314,7 @@ def run_demo(out, reference, models, n_frames, interval_steps, cg_time_ps, cg_ti
         fit_kw = {"refine_iterations": 0, "refine_ps": 20.0, **DEMO_FIT[kind]}
         stage(f"fit-{kind}", run_fit, data=out / "cg" / "cg.h5", out=model_dir, temperature=temperature,
               cutoff=1.2, prior=prior, epochs=epochs, batch_size=8, lr=3e-3, patience=10, device="auto",
-              seed=seed, resume=True, **fit_kw)
+              seed=seed, resume=True, max_minutes=4.0, **fit_kw)
         stage(f"simulate-{kind}", run_simulate, model=model_dir, backend=DEMO_BACKENDS[kind],
               pdb=out / "cg" / "cg.pdb", out=out / "sims" / kind, time_ps=cg_time_ps, timestep=cg_timestep,
               temperature=temperature, friction=1.0, report_ps=0.5, platform=platform, seed=seed,
@@ -323,4 +324,20 @@ def run_demo(out, reference, models, n_frames, interval_steps, cg_time_ps, cg_ti
                 trajectories=",".join(trajectories), out=out / "report", skip_ps=min(10.0, cg_time_ps / 5),
                 criteria_for=[DEMO_LABELS[k] for k in kinds if k != "priors"], baseline=DEMO_LABELS["priors"])
     write_yaml(out / "timings.yaml", timings)
+    _print_headline(res["metrics"], DEMO_LABELS["spline"] if "spline" in kinds else None, timings)
     return {"report": res["report"], "metrics": res["metrics"], "timings": out / "timings.yaml"}
+
+
+def _print_headline(metrics_path, headline, timings):
+    """Print every model's structural checks, the headline (production) model first."""
+    checks = json.loads(Path(metrics_path).read_text()).get("checks", {})
+    labels = sorted(checks, key=lambda k: k != headline)
+    for label in labels:
+        rows = checks[label]
+        n_pass = sum(bool(r["pass"]) for r in rows.values())
+        tag = "headline model" if label == headline else "model"
+        print(f"[enpcg] {tag} {label!r}: {n_pass}/{len(rows)} structure checks pass")
+        for name, r in rows.items():
+            print(f"    {name:40s} {r['value']!s:>24.24s}  limit {r['threshold']:.4g}  "
+                  f"{'pass' if r['pass'] else 'FAIL'}")
+    print(f"[enpcg] stage times (s): {timings}")

@@ -5,7 +5,6 @@ answer test fits a pair potential from noisy forces; the trainer is tested for i
 Forces are compared as ||dF|| / ||F||.
 """
 import json
-import math
 
 import numpy as np
 import pytest
@@ -286,10 +285,12 @@ def test_known_answer_lj_dimers(tmp_path, deterministic_openmm_cpu):
     * force between two isolated beads (prior + neural) within 5% of max|F_LJ| over the 1st-99th
       percentiles of the sampled intermolecular pair distances (within the LJ cutoff).
 
-    Data: 56 dimers, 400 frames; the last 60 frames are the test set, never shown to the trainer. Noisy
-    validation losses cannot rank the last epochs, so the final EMA weights of a cosine schedule are kept.
-    Over data seeds 0-3 this gives 2.5-4.2% held-out error (an ideal cubic-spline pair fit: 1.8-3.4%) and
-    1.3-2.4% on the pair curve, in ~13 s of training on one core.
+    Data: 56 dimers, 500 frames 0.2 ps apart; the last 60 frames are the test set, never shown to the
+    trainer. Noisy validation losses cannot rank the last epochs, so the final EMA weights of a cosine
+    schedule are kept; weight decay on the many-body branch makes the fit prefer pair explanations (liquid
+    data cannot tell a pair force from a mean-field many-body term). Over data seeds 0-3 this gives 2.1-3.2%
+    held-out error (a least-squares cubic-spline pair fit reaches ~2-3% on such data) and 1.7-3.4% on the
+    pair curve, in ~15 s of training on one core.
     """
     from known_answer import make_known_answer_data
 
@@ -297,7 +298,8 @@ def test_known_answer_lj_dimers(tmp_path, deterministic_openmm_cpu):
     from enpcg.geometry import all_pairs, pair_vectors
     from enpcg.models.composite import SumModel
 
-    data = make_known_answer_data("lj_dimers", n_frames=400, noise=2.0, seed=0, n_molecules=56)
+    data = make_known_answer_data("lj_dimers", n_frames=500, noise=2.0, seed=0, n_molecules=56, stride=20,
+                                  equilibration=2000)
     p = data.params
     top = data.topology
     fit, test = slice(0, -60), slice(-60, None)
@@ -305,9 +307,9 @@ def test_known_answer_lj_dimers(tmp_path, deterministic_openmm_cpu):
     config = dict(cutoff=0.8, n_rbf=8, hidden=16, n_layers=1, energy_scale=5.0, seed=0)
     model, history = train_force_matching(
         create_model("neural", top, **config), data.positions[fit], data.forces[fit], data.box[fit],
-        prior=prior, out_dir=tmp_path, epochs=10, batch_size=4, lr=3e-2, schedule="cosine", min_lr=1e-5,
+        prior=prior, out_dir=tmp_path, epochs=8, batch_size=4, lr=3e-2, schedule="cosine", min_lr=1e-5,
         weight_decay=3.0, ema_decay=0.99, val_fraction=0.05, select_best=False, progress=False)
-    assert history["epoch"] == list(range(1, 11)) and history["val_rmse"][-1] < history["val_rmse"][0]
+    assert history["epoch"] == list(range(1, 9)) and history["val_rmse"][-1] < history["val_rmse"][0]
 
     x = torch.tensor(data.positions[test])  # copies: the data arrays are read-only
     box = torch.tensor(data.box[test])
@@ -337,10 +339,20 @@ def test_known_answer_lj_dimers(tmp_path, deterministic_openmm_cpu):
     assert np.abs(f2[:, 1, 0].detach().numpy() - f_ref).max() < 0.05 * np.abs(f_ref).max()
 
 
-def small_training_set(top, n_frames=24, seed=11):
-    """Non-periodic frames of the chain cluster with forces of a random 'teacher' network (kJ/mol/nm)."""
+def small_training_set(top, n_frames=24, seed=11, min_distance=0.3):
+    """Non-periodic frames of the chain cluster without overlaps (non-bonded pairs >= min_distance nm), with
+    forces (kJ/mol/nm) of a random 'teacher' network."""
     rng = np.random.default_rng(seed)
-    pos = np.stack([cluster_positions(top, rng) for _ in range(n_frames)])
+    frames = []
+    while len(frames) < n_frames:
+        x = cluster_positions(top, rng, spacing=0.38) * 1.6
+        d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        bonded = np.zeros_like(d, dtype=bool)
+        bonded[top.bonds[:, 0], top.bonds[:, 1]] = bonded[top.bonds[:, 1], top.bonds[:, 0]] = True
+        np.fill_diagonal(bonded, True)
+        if d[~bonded].min() >= min_distance:
+            frames.append(x)
+    pos = np.stack(frames)
     teacher = random_model(top, seed=99)
     _, f = forces(teacher, pos)
     return pos, f

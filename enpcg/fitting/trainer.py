@@ -341,6 +341,7 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                 ckpt["ema"] = _cpu_state(averaged)
             with atomic_path(ckpt_path) as tmp:
                 torch.save(ckpt, tmp)
+            write_json(out_dir / HISTORY, history)  # cheap; lets a user follow a long fit
             bar.update(1)
             bar.set_postfix(train=f"{history['train_rmse'][-1]:.4g}", val=f"{history['val_rmse'][-1]:.4g}",
                             lr=f"{history['lr'][-1]:.2g}")
