@@ -42,12 +42,8 @@ def register_model(name: str):
 def _ensure_registered():
     # Import the modules that register the built-in kinds.
     from . import analytic, composite  # noqa: F401
-    for mod in ("priors", "spline", "neural"):
-        try:
-            __import__(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
+    from . import neural, priors, spline  # noqa: F401
+    from ..equivariant import model as _equivariant  # noqa: F401  (kind "equivariant", atomistic)
 
 
 class CGModel(torch.nn.Module):
