@@ -37,6 +37,7 @@ from e3nn import o3
 from e3nn.o3._spherical_harmonics import _spherical_harmonics
 from torch import Tensor
 
+from ..models.radial import bessel_basis, polynomial_envelope
 from ..errors import EnpcgError
 from ..geometry import minimum_image
 from ..models.base import CGModel, register_model
@@ -98,16 +99,10 @@ class BesselEnvelope(torch.nn.Module):
         self.p = float(p)
 
     def basis(self, r: Tensor) -> Tensor:
-        # Frequencies in r's dtype at each call: exact in float64, no buffer to cast.
-        freqs = torch.arange(1, self.n_rbf + 1, dtype=r.dtype, device=r.device) * (math.pi / self.cutoff)
-        return math.sqrt(2.0 / self.cutoff) * torch.sin(r.unsqueeze(-1) * freqs) / r.unsqueeze(-1)
+        return bessel_basis(r, self.cutoff, self.n_rbf)
 
     def envelope(self, r: Tensor) -> Tensor:
-        p = self.p
-        d = r / self.cutoff
-        dp = torch.pow(d, p)
-        u = 1.0 - (p + 1.0) * (p + 2.0) / 2.0 * dp + p * (p + 2.0) * dp * d - p * (p + 1.0) / 2.0 * dp * d * d
-        return torch.where(d < 1.0, u, torch.zeros_like(u))
+        return polynomial_envelope(r, self.cutoff, self.p)
 
 
 class Interaction(torch.nn.Module):

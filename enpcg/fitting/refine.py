@@ -89,11 +89,14 @@ def _sample_cg(model, positions, box, temperature, sim_ps, timestep, seed, platf
     return x
 
 
-def _distributions(positions, box, topology, model_config, nbins=60):
-    """Histograms of every bonded coordinate and intermolecular g(r) per pair type (edges from the tables)."""
+def _distributions(positions, box, topology, cfg):
+    """Samples of every bonded coordinate (per type) and the intermolecular g(r) per pair type.
+
+    positions (F, n, 3) nm; box (F, 3, 3) nm, each frame's own box. Pair RDFs span [0, cutoff] in 0.01 nm bins.
+    """
     from .. import analysis
 
-    traj = analysis.trajectory_from_arrays(positions, np.broadcast_to(box, (len(positions), 3, 3)), topology)
+    traj = analysis.trajectory_from_arrays(positions, box, topology)
     out = {}
     fams = {"bonds": analysis.bond_lengths, "angles": analysis.bond_angles, "dihedrals": analysis.dihedral_angles}
     for fam, fn in fams.items():
@@ -102,13 +105,12 @@ def _distributions(positions, box, topology, model_config, nbins=60):
             continue
         values = fn(traj, terms)
         keys = np.array(topology.term_keys(fam))
-        for key in model_config[fam]:
+        for key in cfg[fam]:
             out[(fam, key)] = values[:, keys == key].ravel()
-    for key in model_config["pairs"]:
+    for key in cfg["pairs"]:
         a, b = key.split("-")
-        r, g = analysis.intermolecular_rdf(traj, topology, a, b, r_range=(0.0, model_config["cutoff"]),
-                                           n_bins=int(round(model_config["cutoff"] / 0.01)))
-        out[("pairs", key)] = (r, g)
+        out[("pairs", key)] = analysis.intermolecular_rdf(traj, topology, a, b, r_range=(0.0, cfg["cutoff"]),
+                                                          n_bins=int(round(cfg["cutoff"] / 0.01)))
     return out
 
 
@@ -140,13 +142,13 @@ def refine_spline(model, ref_positions, ref_box, temperature, *, iterations=3, s
     kT = KB * temperature
     cfg = copy.deepcopy(model.config)
     box = np.asarray(ref_box[-1], dtype=np.float64)
-    ref = _distributions_by_frame(ref_positions, ref_box, top, cfg)
+    ref = _distributions(ref_positions, ref_box, top, cfg)
     history = []
     current = model
     bar = tqdm(range(iterations), desc="IBI refinement", disable=not progress)
     for it in bar:
         x = _sample_cg(current, ref_positions[-1], box, temperature, sim_ps, timestep, seed + 1000 * it, platform)
-        cg = _distributions(x, box, top, cfg)
+        cg = _distributions(x, np.broadcast_to(box, (len(x), 3, 3)), top, cfg)
         record = {}
         for (fam, key), ref_val in ref.items():
             table = cfg[fam][key]
@@ -178,25 +180,3 @@ def refine_spline(model, ref_positions, ref_box, temperature, *, iterations=3, s
         bar.set_postfix({k.split("/")[0][:4]: round(v, 4) for k, v in record.items()})
         current = create_model("spline", top, **cfg).to(next(iter(model.buffers())).dtype)
     return current, history
-
-
-def _distributions_by_frame(positions, box, topology, cfg):
-    """Reference distributions, using each frame's own box (box (F, 3, 3) nm)."""
-    from .. import analysis
-
-    traj = analysis.trajectory_from_arrays(positions, box, topology)
-    out = {}
-    fams = {"bonds": analysis.bond_lengths, "angles": analysis.bond_angles, "dihedrals": analysis.dihedral_angles}
-    for fam, fn in fams.items():
-        terms = getattr(topology, fam)
-        if len(terms) == 0:
-            continue
-        values = fn(traj, terms)
-        keys = np.array(topology.term_keys(fam))
-        for key in cfg[fam]:
-            out[(fam, key)] = values[:, keys == key].ravel()
-    for key in cfg["pairs"]:
-        a, b = key.split("-")
-        out[("pairs", key)] = analysis.intermolecular_rdf(traj, topology, a, b, r_range=(0.0, cfg["cutoff"]),
-                                                          n_bins=int(round(cfg["cutoff"] / 0.01)))
-    return out

@@ -17,7 +17,6 @@ reflections and to permutations of beads of the same type with the same bonded e
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import Tensor
 from ..errors import EnpcgError
 from ..geometry import all_pairs, minimum_image, pair_vectors
 from .base import CGModel, register_model
+from .radial import bessel_basis, polynomial_envelope
 
 N_PAIR_CLASSES = 4  # other, 1-2, 1-3, 1-4
 
@@ -53,11 +53,7 @@ class Envelope(torch.nn.Module):
         self.p = float(p)
 
     def forward(self, r: Tensor) -> Tensor:
-        p = self.p
-        d = r / self.cutoff
-        dp = torch.pow(d, p)
-        u = 1.0 - (p + 1.0) * (p + 2.0) / 2.0 * dp + p * (p + 2.0) * dp * d - p * (p + 1.0) / 2.0 * dp * d * d
-        return torch.where(d < 1.0, u, torch.zeros_like(u))
+        return polynomial_envelope(r, self.cutoff, self.p)
 
 
 class InteractionBlock(torch.nn.Module):
@@ -169,9 +165,7 @@ class NeuralModel(CGModel):
 
     def _rbf(self, r: Tensor) -> Tensor:
         """Bessel basis sqrt(2/rc) sin(n pi r / rc) / r, (E, n_rbf), for r (E,) nm."""
-        # Frequencies are built in r's dtype and device at each call (exact in float64, no dtype-cast buffer).
-        freqs = torch.arange(1, self.n_rbf + 1, dtype=r.dtype, device=r.device) * (math.pi / self.cutoff)
-        return math.sqrt(2.0 / self.cutoff) * torch.sin(r.unsqueeze(-1) * freqs) / r.unsqueeze(-1)
+        return bessel_basis(r, self.cutoff, self.n_rbf)
 
     @torch.jit.export
     def batch_energy(self, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
