@@ -179,7 +179,13 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
         bar.start(simulation.currentStep)
         simulation.reporters.extend([dcd, log, bar])
         t0 = time.perf_counter()
-        simulation.step(steps)
+        try:
+            simulation.step(steps)
+        except (openmm.OpenMMException, ValueError) as e:  # OpenMM: NaN coordinates; StateDataReporter: NaN energy
+            # Outputs of this run are discarded (temporary files are removed on the way out).
+            raise EnpcgError(f"CG simulation failed at step {simulation.currentStep} of {steps} ({e}). Fix: use a "
+                             f"smaller time step than {timestep} ps, start from a minimised or mapped structure, "
+                             "or check the model (a model fitted on too few frames can be unstable)") from None
         wall = time.perf_counter() - t0
         simulation.reporters.clear()
         simulation.saveState(str(tmp["final_state"]))

@@ -107,7 +107,7 @@ def test_interrupted_run_leaves_no_complete_looking_file(tmp_path):
     nan_force = mm.CustomExternalForce("sqrt(x - 100)")  # NaN for every bead at x < 100 nm
     nan_force.addParticle(0, [])
     system.addForce(nan_force)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(EnpcgError, match="NaN"):
         run_simulation(system, top.to_openmm_topology(BOX), x, BOX, tmp_path / "md", steps=50,
                        report_interval=5, platform="Reference", minimize=False, progress=False)
     assert sorted(p.name for p in (tmp_path / "md").iterdir()) == []
@@ -123,3 +123,18 @@ def test_run_simulation_checks_inputs(tmp_path):
     with pytest.raises(EnpcgError, match="not available"):
         run_simulation(system, top.to_openmm_topology(BOX), x, BOX, tmp_path, steps=10, platform="Nope",
                        progress=False)
+
+
+def test_blow_up_is_a_clear_error(tmp_path):
+    """A time step far too large (2 ps for 14 amu beads on stiff springs) makes OpenMM give NaN coordinates;
+    run_simulation turns that into an EnpcgError naming the step and the fix, and leaves no output files."""
+    top, x = melt(n_chains=2)
+    system = CGPotential(create_model("test_sim_soft_chain", top)).create_system(top, box=BOX)
+    stiff = mm.HarmonicBondForce()
+    for i, j in top.bonds:
+        stiff.addBond(int(i), int(j), 0.2, 1e7)  # stretched far from 0.4 nm: huge forces at the start
+    system.addForce(stiff)
+    with pytest.raises(EnpcgError, match=r"failed at step \d+ of 500.*smaller time step"):
+        run_simulation(system, top.to_openmm_topology(BOX), x, BOX, tmp_path / "md", steps=500, timestep=2.0,
+                       report_interval=10, platform="Reference", minimize=False, progress=False)
+    assert sorted(p.name for p in (tmp_path / "md").iterdir()) == []
