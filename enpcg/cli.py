@@ -19,6 +19,7 @@ DESCRIPTIONS = {
     "sample": "Run atomistic MD and write positions, forces, box and energies to H5MD.",
     "map": "Map atomistic frames to beads: CG H5MD (positions, forces), CG topology and PDB.",
     "fit": "Fit a CG model (priors by Boltzmann inversion, MS-CG splines, or a neural model) by force matching.",
+    "train": "Train the equivariant atomistic potential on atomistic H5MD energies and forces.",
     "export": "Export a fitted model as an OpenMM System (TorchForce, PythonForce or native tabulated forces).",
     "simulate": "Run a CG simulation in OpenMM (Langevin, DCD trajectory, CSV log).",
     "analyze": "Compare CG trajectories with the mapped reference: distributions, RDFs, report and plots.",

@@ -1,9 +1,9 @@
 """Stage configuration: defaults, YAML files and command-line overrides.
 
-Each stage of the pipeline (``build``, ``sample``, ``map``, ``fit``, ``export``, ``simulate``, ``analyze``,
-``demo``) has a flat table of options with defaults (:data:`STAGES`). A stage's configuration is resolved as
-defaults < YAML file < command-line options; unknown keys are rejected with the list of allowed ones, and the
-resolved configuration is written beside the stage's outputs (``<stage>.yaml``).
+Each stage of the pipeline (``build``, ``sample``, ``map``, ``fit``, ``train``, ``export``, ``simulate``,
+``analyze``, ``demo``) has a flat table of options with defaults (:data:`STAGES`). A stage's configuration is
+resolved as defaults < YAML file < command-line options; unknown keys are rejected with the list of allowed
+ones, and the resolved configuration is written beside the stage's outputs (``<stage>.yaml``).
 
 Units: lengths nm, times ps, temperatures K, energies kJ/mol.
 """
@@ -40,7 +40,8 @@ STAGES = {
     },
     "sample": {
         "reference": _opt("default", "reference: 'default' (bundled polyethylene melt), a build folder, "
-                          "or 'XML,PDB' for any serialized OpenMM System and its PDB"),
+                          "'XML,PDB' for any serialized OpenMM System and its PDB, or an equivariant model "
+                          "folder (`enpcg train`) that drives the bundled melt"),
         "out": _opt("out/atomistic.h5", "output H5MD file of positions and forces"),
         "n_frames": _opt(200, "frames to write"),
         "interval_steps": _opt(500, "MD steps between frames"),
@@ -74,6 +75,24 @@ STAGES = {
         "device": _opt("auto", "fitting device: auto, cpu, cuda"),
         "seed": _opt(0, "random seed"),
         "resume": _opt(True, "resume an interrupted fit from its checkpoint"),
+    },
+    "train": {
+        "data": _opt("out/atomistic.h5", "atomistic H5MD file with forces and energies (from `enpcg sample`)"),
+        "out": _opt("out/equivariant", "output model folder (model.json + model.pt, training/)"),
+        "cutoff": _opt(0.5, "equivariant model cutoff, nm"),
+        "l_max": _opt(1, "highest rotation order of the features (0-3)"),
+        "n_layers": _opt(2, "interaction blocks"),
+        "mul": _opt(16, "channels per irrep"),
+        "epochs": _opt(50, "maximum epochs"),
+        "batch_size": _opt(4, "frames per minibatch"),
+        "lr": _opt(5e-3, "learning rate"),
+        "energy_weight": _opt(1.0, "weight of the squared energy error per atom, per (kJ/mol)^2"),
+        "force_weight": _opt(1.0, "weight of the squared force error, per (kJ/mol/nm)^2"),
+        "patience": _opt(10, "early-stopping patience, epochs"),
+        "max_minutes": _opt(0.0, "stop training after this many minutes (0 = no limit)"),
+        "device": _opt("auto", "training device: auto, cpu, cuda"),
+        "seed": _opt(0, "random seed (weights and validation split)"),
+        "resume": _opt(True, "resume an interrupted training from its checkpoint"),
     },
     "export": {
         "model": _opt("out/model", "model folder"),

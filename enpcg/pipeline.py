@@ -36,7 +36,8 @@ def run_build(out, n_chains, chain_length, temperature, equilibration_ps, seed):
 
 
 def load_reference_system(reference):
-    """'default' (bundled melt), a folder written by ``enpcg build``, or 'SYSTEM.xml,STRUCTURE.pdb'."""
+    """'default' (bundled melt), a folder written by ``enpcg build``, 'SYSTEM.xml,STRUCTURE.pdb', or a model
+    folder of kind "equivariant" (written by ``enpcg train``; the model drives the bundled melt)."""
     from systems.polyethylene import default_melt, load_melt, load_reference
 
     if reference in ("default", "", None):
@@ -45,10 +46,15 @@ def load_reference_system(reference):
         xml, pdb = (s.strip() for s in str(reference).split(",", 1))
         return load_reference(xml, pdb)
     path = Path(reference)
+    from .equivariant.reference import equivariant_reference, is_equivariant_model_dir
+
+    if is_equivariant_model_dir(path):
+        return equivariant_reference(path)
     if path.is_dir():
         return load_melt(path / "melt")
-    raise EnpcgError(f"sample.reference {reference!r} is neither 'default', a build folder, nor 'XML,PDB'. "
-                     "Fix: pass --reference default, --reference out/melt, or --reference system.xml,system.pdb")
+    raise EnpcgError(f"sample.reference {reference!r} is neither 'default', a build folder, 'XML,PDB', nor an "
+                     "equivariant model folder. Fix: pass --reference default, --reference out/melt, "
+                     "--reference system.xml,system.pdb or --reference out/equivariant")
 
 
 # ------------------------------------------------------------------------------------------------ sample
@@ -147,6 +153,48 @@ def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr
     meta["fit_seconds"] = round(time.time() - t0, 2)
     save_model(fitted.double(), out, metadata=meta)
     return {"model": Path(out)}
+
+
+# ------------------------------------------------------------------------------------------------ train
+def run_train(data, out, cutoff, l_max, n_layers, mul, epochs, batch_size, lr, energy_weight, force_weight,
+              patience, max_minutes, device, seed, resume):
+    """Train the equivariant atomistic potential on an atomistic H5MD file (``enpcg sample``) and save it to
+    ``out`` (model.json + model.pt; training outputs in ``out/training``).
+
+    Species are united-atom site names from the H5MD masses (see :func:`enpcg.equivariant.train.site_names`);
+    the topology keeps the H5MD masses (amu), so the model can drive MD (``enpcg sample --reference out``).
+    """
+    from .equivariant.train import atomistic_topology, mean_neighbors, train_equivariant
+    from .h5md import read_h5md
+    from .models import create_model, save_model
+
+    fr = read_h5md(data, require_forces=True)
+    if fr.masses is None:
+        raise EnpcgError(f"{data}: /particles/all/mass is missing, so the atom species are unknown. Fix: sample "
+                         "the data with `enpcg sample`, which stores masses")
+    if fr.potential_energy is None and energy_weight > 0:
+        raise EnpcgError(f"{data}: no potential energies (observables/potential_energy) but train.energy_weight is "
+                         f"{energy_weight}. Fix: pass --energy-weight 0 to fit forces only")
+    energies = fr.potential_energy if fr.potential_energy is not None else np.zeros(fr.n_frames)
+    topology = atomistic_topology(fr.masses, fr.species)
+    box0 = None if fr.box is None else fr.box[0]
+    neighbors = mean_neighbors(fr.positions[0], box0, cutoff)
+    model = create_model("equivariant", topology, cutoff=cutoff, l_max=l_max, n_layers=n_layers, mul=mul,
+                         avg_neighbors=round(neighbors, 2), seed=seed).double()
+    t0 = time.time()
+    model, history, metrics = train_equivariant(
+        model, fr.positions, fr.forces, energies, fr.box, topology.type_index(), energy_weight=energy_weight,
+        force_weight=force_weight, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+        device=_device(device), out_dir=Path(out) / "training", resume=resume, max_minutes=max_minutes or None)
+    meta = {"training_data": str(data), "n_frames": fr.n_frames, "temperature": fr.metadata.get("temperature_K"),
+            "species_rule": "united-atom site by H5MD mass (CH3 15.035, CH2 14.027 amu, +-0.01), else the "
+                            "H5MD species name", "metrics": metrics,
+            "training": {"best_epoch": history.get("best_epoch"), "stopped": history.get("stopped")},
+            "fit_seconds": round(time.time() - t0, 2)}
+    save_model(model.double(), out, metadata=meta)
+    _say(f"validation force RMSE {metrics['force_rmse']:.4g} kJ/mol/nm (data force RMS "
+         f"{metrics['reference_force_rms']:.4g})")
+    return {"model": Path(out), "metrics": Path(out) / "training" / "metrics.json"}
 
 
 # ------------------------------------------------------------------------------------------------ export

@@ -3,7 +3,9 @@
 Units: positions and box in nm, forces in kJ/mol/nm, losses in (kJ/mol/nm)^2, RMSEs in kJ/mol/nm.
 
 The model is fitted to the residual forces F_ref - F_prior (the prior's forces are computed once, up front).
-Loss: mean squared force error over the beads and components of a minibatch of frames. AdamW (Adam when
+Loss: mean squared force error over the beads and components of a minibatch of frames, times
+``force_weight``; with reference ``energies`` (kJ/mol per frame) it adds ``energy_weight`` times the mean
+squared energy error per bead ((E - E_ref) / n)^2, (kJ/mol)^2, and validation ranks epochs by that sum. AdamW (Adam when
 ``weight_decay=0``) with ReduceLROnPlateau on the validation loss or a cosine decay, optionally an exponential
 moving average (EMA) of the weights; the validation frames are a fixed, seeded split; training stops early
 when the validation loss has not improved for ``patience`` epochs, and the best weights are returned (or the
@@ -55,15 +57,17 @@ def _as_frames(x, name, dtype, shape_tail=None, n_frames=None) -> torch.Tensor:
     return t
 
 
-def _prior_forces(prior, pos, box, batch_size, device) -> torch.Tensor:
-    """Forces (F, n, 3) kJ/mol/nm of a fixed prior, evaluated in batches on ``device``, returned on the CPU."""
-    out = []
+def _prior_forces(prior, pos, box, batch_size, device):
+    """Energies (F,) kJ/mol and forces (F, n, 3) kJ/mol/nm of a fixed prior, evaluated in batches on
+    ``device``, returned on the CPU."""
+    out, energies = [], []
     for start in range(0, pos.shape[0], batch_size):
         x = pos[start:start + batch_size].to(device)
         b = None if box is None else box[start:start + batch_size].to(device)
-        _, f = batch_forces(prior, x, b)
+        e, f = batch_forces(prior, x, b)
         out.append(f.detach().cpu())
-    return torch.cat(out)
+        energies.append(e.detach().cpu())
+    return torch.cat(energies), torch.cat(out)
 
 
 def _split(n_frames: int, val_fraction: float, seed: int):
@@ -136,7 +140,8 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                          seed: int = 0, device=None, progress: bool = True, resume: bool = True,
                          max_minutes: Optional[float] = None, schedule: str = "plateau",
                          weight_decay: float = 0.0, ema_decay: float = 0.0, select_best: bool = True,
-                         lr_factor: float = 0.5, lr_patience: int = 5, min_lr: float = 1e-6):
+                         lr_factor: float = 0.5, lr_patience: int = 5, min_lr: float = 1e-6,
+                         energies=None, energy_weight: float = 0.0, force_weight: float = 1.0):
     """Fit ``model`` to reference forces by minibatch force matching; returns ``(model, history)``.
 
     Parameters
@@ -164,11 +169,16 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         epochs without improvement, down to ``min_lr``) or "cosine" (cosine decay from ``lr`` to ``min_lr``
         over ``epochs``; it averages out minibatch noise on noisy forces)
     select_best : keep the weights of the epoch with the lowest validation loss (True) or of the last epoch
+    energies : array, shape=(F,), kJ/mol, reference potential energies, or None (forces only); they matter
+        only with ``energy_weight > 0``
+    energy_weight : weight of the energy term, per (kJ/mol per bead)^2; force_weight : weight of the force
+        term, per (kJ/mol/nm)^2
 
     Returns
     -------
     model, history : history is a dict of per-epoch lists ``epoch``, ``train_rmse``, ``val_rmse`` (kJ/mol/nm),
-        ``lr``, plus ``best_epoch`` and ``best_val_rmse`` (lowest validation loss), ``kept_epoch`` (the epoch
+        ``lr`` (with energies also ``train_energy_rmse``, ``val_energy_rmse``, kJ/mol per bead), plus
+        ``best_epoch`` and ``best_val_rmse`` (force RMSE at the lowest validation loss), ``kept_epoch`` (the epoch
         whose weights are returned) and ``stopped`` (why training ended: "early_stopping", "max_epochs",
         "max_minutes").
     """
@@ -181,6 +191,12 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
             raise EnpcgError(f"train_force_matching: {name} must be a positive integer; you supplied {value}")
     if not lr > 0:
         raise EnpcgError(f"train_force_matching: lr must be positive; you supplied {lr}")
+    if not (energy_weight >= 0 and force_weight >= 0 and energy_weight + force_weight > 0):
+        raise EnpcgError(f"train_force_matching: energy_weight and force_weight must be >= 0, not both 0; you "
+                         f"supplied {energy_weight}, {force_weight}")
+    if energy_weight > 0 and energies is None:
+        raise EnpcgError("train_force_matching: energy_weight > 0 needs reference energies; pass energies= "
+                         "(kJ/mol per frame) or set energy_weight=0")
     if not 0.0 <= ema_decay < 1.0:
         raise EnpcgError(f"train_force_matching: ema_decay must be in [0, 1); you supplied {ema_decay}")
     if device is None:
@@ -193,6 +209,10 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
     n_frames, n_beads = pos.shape[0], pos.shape[1]
     ref = _as_frames(forces, "forces", dtype, (n_beads, 3), n_frames)
     cell = None if box is None else _as_frames(box, "box", dtype, (3, 3), n_frames)
+    use_energy = energies is not None and energy_weight > 0
+    if use_energy:
+        e_ref = _as_frames(np.asarray(energies, dtype=np.float64).reshape(-1, 1, 1), "energies", dtype, (1, 1),
+                           n_frames).reshape(-1)
     n_model = getattr(getattr(model, "topology", None), "n_beads", n_beads)
     if n_model != n_beads:
         raise EnpcgError(f"train_force_matching: positions have {n_beads} beads but the model's topology has "
@@ -216,12 +236,16 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         pdt = model_dtype(prior)
         p_pos = _as_frames(positions, "positions", pdt)
         p_box = None if box is None else _as_frames(box, "box", pdt)
-        target = ref - _prior_forces(prior, p_pos, p_box, batch_size, device).to(dtype)
+        prior_e, prior_f = _prior_forces(prior, p_pos, p_box, batch_size, device)
+        target = ref - prior_f.to(dtype)
+        if use_energy:
+            e_ref = e_ref - prior_e.to(dtype)
     else:
         target = ref
     train_idx, val_idx = _split(n_frames, val_fraction, seed)
     # The data stay where the model is: a few hundred MB at most for CG data sets.
     pos, target = pos.to(device), target.to(device)
+    e_target = e_ref.to(device) if use_energy else None
     cell = None if cell is None else cell.to(device)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -248,9 +272,16 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                 "val_fraction": float(val_fraction), "schedule": schedule, "weight_decay": float(weight_decay), "ema_decay": float(ema_decay),
                 "select_best": bool(select_best), "lr_factor": float(lr_factor), "lr_patience": int(lr_patience),
                 "min_lr": float(min_lr)}
+    if use_energy:  # absent otherwise, so force-only checkpoints keep their fingerprint
+        settings.update(energy_weight=float(energy_weight), force_weight=float(force_weight),
+                        energy_sum=float(e_target.double().sum()))
+    elif force_weight != 1.0:
+        settings["force_weight"] = float(force_weight)
     fingerprint = _fingerprint(model, pos, target, cell, prior, settings)
     history = {"epoch": [], "train_rmse": [], "val_rmse": [], "lr": [], "best_epoch": 0,
                "best_val_rmse": math.inf, "kept_epoch": 0, "stopped": "running", "units": "kJ/mol/nm"}
+    if use_energy:
+        history.update(train_energy_rmse=[], val_energy_rmse=[], energy_units="kJ/mol per bead")
     # The weights that are validated and kept: the live model, or its moving average.
     averaged = copy.deepcopy(model) if ema_decay > 0 else model
     best_state = _cpu_state(model)
@@ -276,14 +307,20 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         if history.get("stopped") == "early_stopping":
             start_epoch = epochs + 1  # nothing left to do: return the best weights
 
-    def evaluate(idx) -> float:
-        """Mean squared force error (kJ/mol/nm)^2 over frames idx, without building a double graph."""
-        total = 0.0
+    def evaluate(idx):
+        """Mean squared force error (kJ/mol/nm)^2 and energy error per bead (kJ/mol)^2 over frames idx."""
+        total, e_total = 0.0, 0.0
         for s in range(0, len(idx), batch_size):
             b = torch.as_tensor(idx[s:s + batch_size], device=device)
-            _, f = batch_forces(averaged, pos[b], None if cell is None else cell[b])
+            e, f = batch_forces(averaged, pos[b], None if cell is None else cell[b])
             total += float(((f.detach() - target[b]) ** 2).sum())
-        return total / (len(idx) * n_beads * 3)
+            if use_energy:
+                e_total += float((((e.detach() - e_target[b]) / n_beads) ** 2).sum())
+        return total / (len(idx) * n_beads * 3), e_total / len(idx)
+
+    def combined(f_mse, e_mse):
+        # Force-only fits rank epochs by the force error itself (force_weight 1 leaves it unchanged).
+        return force_weight * f_mse + (energy_weight * e_mse if use_energy else 0.0)
 
     stop_after = os.environ.get(STOP_ENV)
     stop_after = int(stop_after) if stop_after else None
@@ -295,11 +332,16 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         for epoch in range(start_epoch, epochs + 1):
             model.train()
             order = _epoch_order(train_idx, seed, epoch)
-            sq_sum = 0.0
+            sq_sum, e_sq_sum = 0.0, 0.0
             for s in range(0, len(order), batch_size):
                 b = torch.as_tensor(order[s:s + batch_size], device=device)
-                _, f = batch_forces(model, pos[b], None if cell is None else cell[b], create_graph=True)
-                loss = ((f - target[b]) ** 2).mean()
+                e, f = batch_forces(model, pos[b], None if cell is None else cell[b], create_graph=True)
+                f_loss = ((f - target[b]) ** 2).mean()
+                loss = f_loss * force_weight
+                if use_energy:
+                    e_loss = (((e - e_target[b]) / n_beads) ** 2).mean()
+                    loss = loss + energy_weight * e_loss
+                    e_sq_sum += float(e_loss.detach()) * len(b)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -307,10 +349,11 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                     with torch.no_grad():
                         torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()),
                                              1.0 - ema_decay)
-                sq_sum += float(loss.detach()) * len(b)
+                sq_sum += float(f_loss.detach()) * len(b)
             train_mse = sq_sum / len(order)
             model.eval()
-            val_mse = evaluate(val_idx)
+            val_force_mse, val_energy_mse = evaluate(val_idx)
+            val_mse = combined(val_force_mse, val_energy_mse)
             if schedule == "plateau":
                 scheduler.step(val_mse)
             else:
@@ -318,7 +361,7 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
             improved = val_mse < best_val
             if improved:
                 best_val, bad_epochs = val_mse, 0
-                history["best_epoch"], history["best_val_rmse"] = epoch, math.sqrt(val_mse)
+                history["best_epoch"], history["best_val_rmse"] = epoch, math.sqrt(val_force_mse)
             else:
                 bad_epochs += 1
             if improved or not select_best:
@@ -326,7 +369,10 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                 history["kept_epoch"] = epoch
             history["epoch"].append(epoch)
             history["train_rmse"].append(math.sqrt(train_mse))
-            history["val_rmse"].append(math.sqrt(val_mse))
+            history["val_rmse"].append(math.sqrt(val_force_mse))
+            if use_energy:
+                history["train_energy_rmse"].append(math.sqrt(e_sq_sum / len(order)))
+                history["val_energy_rmse"].append(math.sqrt(val_energy_mse))
             history["lr"].append(float(optimizer.param_groups[0]["lr"]))
             finished = bad_epochs >= patience or epoch == epochs
             out_of_time = max_minutes is not None and (time.monotonic() - t0) / 60.0 >= max_minutes
