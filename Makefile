@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.enpcg-installed
 
-.PHONY: all demo test bench bench-lmax venv clean
+.PHONY: all demo test bench venv clean
 
 all: test
 
@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
-	$(PY) bench/run_cpu.py
+	$(PY) bench/run_bench.py --platform CPU
 
 clean:
 	rm -rf out .pytest_cache
