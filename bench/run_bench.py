@@ -153,7 +153,7 @@ def main(argv=None):
     device = torch.cuda.get_device_name(0) if gpu and torch.cuda.is_available() else platform.machine()
     print(f"# enpcg benchmark, {date.today()}, {device}, OpenMM {openmm.__version__} {args.platform} platform, "
           f"torch {torch.__version__} ({torch.get_num_threads()} CPU thread)")
-    print(f"| beads | force | ms/step | x native | ns/day (10 fs) | ||dF||/||F|| vs Reference |")
+    print("| beads | force | ms/step | x native | ns/day (10 fs) | ||dF||/||F|| vs Reference |")
     print("|---|---|---|---|---|---|")
     for n, name, ms, ratio, err in rows:
         print(f"| {n} | {name} | {ms:.3f} | {ratio:.1f} | {0.01 * 86400 / ms:.1f} | {err:.1e} |")

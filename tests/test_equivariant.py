@@ -25,7 +25,7 @@ from enpcg.errors import EnpcgError
 from enpcg.models import batch_forces, create_model, energy_and_forces, load_model, save_model
 from enpcg.topology import CGTopology
 from openmm_plugin._imports import import_openmmtorch
-from openmm_plugin.export import export_forces, script_model
+from openmm_plugin.export import export_forces
 
 import_openmmtorch()
 

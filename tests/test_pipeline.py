@@ -5,7 +5,6 @@ each stage writes and on the physics that joins them: the exported System gives 
 Python model and as `CGPotential.create_system` (||dF||/||F|| <= 1e-6, float64 Reference platform).
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

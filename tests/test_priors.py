@@ -17,15 +17,6 @@ from enpcg.models import create_model, energy_and_forces, load_model, save_model
 from known_answer import TRICLINIC_BOX, make_known_answer_data, random_chains
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run this module's torch work on one thread: on the 2-core test machine, shared with OpenMM's threads and
-    other processes, torch's spinning worker threads made these small tensor operations 3 to 30 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def prior_config(top, periodic=True):
     return dict(
