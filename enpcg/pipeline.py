@@ -205,7 +205,7 @@ def run_export(model, backend, topology, pdb, out):
     from .topology import CGTopology
 
     top = CGTopology.load_json(topology)
-    box = _pdb_box(pdb)
+    _, box = _read_pdb(pdb)
     system = CGPotential(model).create_system(top, box=box, backend=backend)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,22 +214,19 @@ def run_export(model, backend, topology, pdb, out):
     return {"system": out / "system.xml", "pdb": out / "cg.pdb"}
 
 
-def _pdb_box(pdb):
+def _read_pdb(pdb):
+    """Positions (n, 3) nm and box (3, 3) nm of a CG PDB, read once; the box (CRYST1) is required."""
     from openmm import app, unit
 
     try:
-        vecs = app.PDBFile(str(pdb)).topology.getPeriodicBoxVectors()
+        f = app.PDBFile(str(pdb))
     except FileNotFoundError:
         raise EnpcgError(f"{pdb}: CG structure not found. Fix: run `enpcg map` first or pass --pdb") from None
+    vecs = f.topology.getPeriodicBoxVectors()
     if vecs is None:
         raise EnpcgError(f"{pdb}: no CRYST1 record, so the periodic box is unknown. Fix: write the PDB with a box")
-    return np.array([[v[k] for k in range(3)] for v in vecs.value_in_unit(unit.nanometer)])
-
-
-def _pdb_positions(pdb):
-    from openmm import app, unit
-
-    return np.array(app.PDBFile(str(pdb)).getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    box = np.array([[v[k] for k in range(3)] for v in vecs.value_in_unit(unit.nanometer)])
+    return np.array(f.getPositions(asNumpy=True).value_in_unit(unit.nanometer)), box
 
 
 # ------------------------------------------------------------------------------------------------ simulate
@@ -240,8 +237,8 @@ def run_simulate(model, backend, pdb, out, time_ps, timestep, temperature, frict
     from openmm_plugin.system import CGPotential
 
     pot = CGPotential(model)
-    box = _pdb_box(pdb)
-    pos = _pdb_positions(pdb) if positions is None else positions
+    pdb_pos, box = _read_pdb(pdb)
+    pos = pdb_pos if positions is None else positions
     system = pot.create_system(pot.topology, box=box, backend=backend)
     steps = int(round(time_ps / timestep))
     report = max(1, int(round(report_ps / timestep)))

@@ -138,6 +138,8 @@ def refine_spline(model, ref_positions, ref_box, temperature, *, iterations=3, s
 
     if getattr(model, "kind", None) != "spline":
         raise EnpcgError(f"IBI refinement needs a 'spline' model; received kind {getattr(model, 'kind', None)!r}")
+    if ref_box is None:
+        raise EnpcgError("IBI refinement needs periodic reference frames (ref_box (F, 3, 3) nm); received None")
     top = model.topology
     kT = KB * temperature
     cfg = copy.deepcopy(model.config)
