@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.enpcg-installed
 
-.PHONY: all demo test bench venv clean
+.PHONY: all demo test bench bench-lmax enp-model venv clean
 
 all: test
 
@@ -25,6 +25,23 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_bench.py --platform CPU
+
+# The equivariant potential of the bundled melt: training frames (seed 1) and an independent validation
+# trajectory (seed 2) from the classical reference, then 10 minutes of training on the CPU.
+ENP_DATA := out/enp/train.h5 out/enp/validation.h5
+
+out/enp/train.h5: | $(STAMP)
+	$(VENV)/bin/enpcg sample --out $@ --n-frames 200 --interval-steps 500 --seed 1
+
+out/enp/validation.h5: | $(STAMP)
+	$(VENV)/bin/enpcg sample --out $@ --n-frames 40 --interval-steps 500 --equilibration-steps 20000 --seed 2
+
+enp-model: $(ENP_DATA)
+	$(VENV)/bin/enpcg train --config systems/models/train_enp.yaml
+
+# l_max = 0..3 cost and accuracy (about 25 minutes on 2 cores); outside `make bench` and `make test`.
+bench-lmax: $(ENP_DATA)
+	$(PY) bench/lmax.py
 
 clean:
 	rm -rf out .pytest_cache

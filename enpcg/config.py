@@ -39,7 +39,8 @@ STAGES = {
         "seed": _opt(0, "random seed"),
     },
     "sample": {
-        "reference": _opt("default", "reference: 'default' (bundled polyethylene melt), a build folder, "
+        "reference": _opt("default", "reference: 'default' (bundled polyethylene melt), 'enp' (the bundled "
+                          "equivariant potential driving that melt), a build folder, "
                           "'XML,PDB' for any serialized OpenMM System and its PDB, or an equivariant model "
                           "folder (`enpcg train`) that drives the bundled melt"),
         "out": _opt("out/atomistic.h5", "output H5MD file of positions and forces"),
@@ -83,16 +84,24 @@ STAGES = {
         "l_max": _opt(1, "highest rotation order of the features (0-3)"),
         "n_layers": _opt(2, "interaction blocks"),
         "mul": _opt(16, "channels per irrep"),
+        "precision": _opt("float32", "training arithmetic; the saved model is float64 either way",
+                          choices=["float32", "float64"]),
         "epochs": _opt(50, "maximum epochs"),
-        "batch_size": _opt(4, "frames per minibatch"),
-        "lr": _opt(5e-3, "learning rate"),
+        "batch_size": _opt(1, "frames per minibatch (one 1,000-atom frame per step trains fastest per minute)"),
+        "lr": _opt(1e-2, "learning rate (Adam; decays to 1e-3 of it)"),
         "energy_weight": _opt(1.0, "weight of the squared energy error per atom, per (kJ/mol)^2"),
         "force_weight": _opt(1.0, "weight of the squared force error, per (kJ/mol/nm)^2"),
         "patience": _opt(10, "early-stopping patience, epochs"),
-        "max_minutes": _opt(0.0, "stop training after this many minutes (0 = no limit)"),
+        "max_minutes": _opt(0.0, "training budget, minutes; the learning rate decays on a cosine over it (0 = no "
+                            "limit: decay on validation plateaus)"),
         "device": _opt("auto", "training device: auto, cpu, cuda"),
         "seed": _opt(0, "random seed (weights and validation split)"),
         "resume": _opt(True, "resume an interrupted training from its checkpoint"),
+        "validation": _opt("", "independent atomistic H5MD (another trajectory) for the atom, bead and chain "
+                           "force errors in training/validation.json ('' = none)"),
+        "cg_force_weight": _opt(1.0, "weight of the squared errors of mapped bead forces and whole-molecule "
+                                "forces, per (kJ/mol/nm)^2 (0 = atom forces only)"),
+        "mapping": _opt("default", "mapping that defines beads and molecules (CG force loss, validation)"),
     },
     "export": {
         "model": _opt("out/model", "model folder"),
@@ -124,7 +133,9 @@ STAGES = {
     },
     "demo": {
         "out": _opt("out/demo", "output folder for every stage"),
-        "reference": _opt("classical", "atomistic reference", choices=["classical"]),
+        "reference": _opt("classical", "atomistic reference: 'classical' (TraPPE-UA force field) or 'enp' (the "
+                          "bundled equivariant potential; slow on CPUs, practical on a GPU)",
+                          choices=["classical", "enp"]),
         "models": _opt("priors,mscg,spline,neural", "CG models to fit, simulate and compare: priors, mscg "
                        "(pure MS-CG splines), spline (MS-CG + IBI refinement), neural (priors + network)"),
         "n_frames": _opt(200, "atomistic frames sampled"),

@@ -10,6 +10,7 @@ Tolerances: species shifts 1e-9 kJ/mol (least squares of exact linear data); res
 ||dF|| / ||F|| <= 1e-6 (float64 model, Reference platform).
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from enpcg.errors import EnpcgError
 from enpcg.fitting.trainer import CURVE, HISTORY, STOP_ENV
 from enpcg.h5md import read_h5md
 from enpcg.models import create_model, energy_and_forces, load_model, save_model
+
+MAPPING24 = Path(__file__).parent / "data" / "pe24_4to1.yaml"  # 4:1 beads of the tiny melt's 24-site chains
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +108,20 @@ def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
 
 
 def test_train_cli_and_sample_with_model(data, tmp_path):
-    """`enpcg train` writes a model folder (site-name species, H5MD masses, metrics); `enpcg sample
-    --reference` refuses it on the bundled melt (96 vs 1008 atoms), and runs with the same weights bound to
-    the bundled melt's atoms: the H5MD forces equal the model's Python forces, ||dF||/||F|| <= 1e-6."""
+    """`enpcg train` writes a model folder (site-name species, H5MD masses, metrics, and with --validation the
+    atom, bead and chain force errors); `enpcg sample --reference` refuses it on the bundled melt (96 vs 1008
+    atoms), and runs with the same weights bound to the bundled melt's atoms: the H5MD forces equal the
+    model's Python forces, ||dF||/||F|| <= 1e-4 (MD runs the float32 export; the check is float64)."""
     from systems.polyethylene import default_melt
 
     fr, path = data
     out = tmp_path / "model"
     rc = cli.main(["train", "--data", str(path), "--out", str(out), "--epochs", "2", "--mul", "4", "--n-layers",
-                   "1", "--device", "cpu"])
+                   "1", "--device", "cpu", "--validation", str(path), "--mapping", str(MAPPING24)])
     assert rc == 0
+    validation = json.loads((out / "training" / "validation.json").read_text())
+    for level in ("atom", "bead", "chain_intermolecular"):
+        assert 0 < validation[level]["relative"] < 2.0 and validation[level]["reference_rms"] > 0
     desc = json.loads((out / "model.json").read_text())
     assert desc["kind"] == "equivariant"
     assert sorted(set(desc["topology"]["bead_types"])) == ["CH2", "CH3"]
@@ -143,6 +150,6 @@ def test_train_cli_and_sample_with_model(data, tmp_path):
     for k in range(sampled.n_frames):
         e, f = energy_and_forces(big, sampled.positions[k], sampled.box[k])
         rel = np.linalg.norm(sampled.forces[k] - f) / np.linalg.norm(f)
-        assert rel <= 1e-6, rel
-        assert abs(sampled.potential_energy[k] - e) / melt.n_particles <= 1e-6
+        assert rel <= 1e-4, rel
+        assert abs(sampled.potential_energy[k] - e) / melt.n_particles <= 1e-3
     assert not np.allclose(sampled.positions[0], sampled.positions[1])

@@ -108,10 +108,18 @@ class BesselEnvelope(torch.nn.Module):
 class Interaction(torch.nn.Module):
     """One interaction block on features x (N, irreps_hidden.dim): returns the update (N, irreps_hidden.dim).
 
-    update = Gate(Linear(sum_j TP(x_j, Y_ij; w(r_ij)) / sqrt(avg_neighbors)) + SelfLinear(x)).
+    update = Gate(Linear(A) + SelfLinear(x) [+ SquareLinear(A . A)]), A = sum_j TP(x_j, Y_ij; w(r_ij)) /
+    sqrt(avg_neighbors). With ``correlation`` 2 the per-channel invariant squares A_c . A_c (dot products of
+    each irrep channel with itself, which expand into products of pairs of neighbour messages) feed the
+    scalars, as in MACE's product basis: one block then sees angles at the atom, two blocks see dihedrals.
+    Plain NequIP (``correlation`` 1) adds messages linearly and reaches dihedrals only slowly (measured on
+    the polyethylene melt: 3 blocks still missed 78% of the torsion forces after 10 minutes of training).
     """
 
-    def __init__(self, irreps_hidden: str, irreps_sh: str, n_rbf: int, radial_hidden: int, avg_neighbors: float):
+    __constants__ = ["use_square", "square_dim"]  # TorchScript drops the branch of a False constant
+
+    def __init__(self, irreps_hidden: str, irreps_sh: str, n_rbf: int, radial_hidden: int, avg_neighbors: float,
+                 correlation: int = 2):
         super().__init__()
         ir_hidden = o3.Irreps(irreps_hidden)
         ir_sh = o3.Irreps(irreps_sh)
@@ -141,13 +149,31 @@ class Interaction(torch.nn.Module):
         self.linear = o3.Linear(ir_mid, self.gate.irreps_in)
         self.self_linear = o3.Linear(ir_hidden, self.gate.irreps_in)
         self.inv_sqrt_neighbors = 1.0 / math.sqrt(float(avg_neighbors))
+        self.use_square = int(correlation) >= 2
+        # Squares of the l <= 1 channels only: scalars and vectors carry the dihedral terms, and l = 2
+        # squares would add cost for little.
+        ir_sq = o3.Irreps([(m, ir) for m, ir in ir_mid if ir.l <= 1])
+        self.square_dim = ir_sq.dim  # ir_mid is sorted by l: these channels come first
+        if self.use_square:
+            self.square = o3.ElementwiseTensorProduct(ir_sq, ir_sq, ["0e"])
+            self.square_linear = o3.Linear(self.square.irreps_out, self.gate.irreps_in)
+            with torch.no_grad():  # zero start: the block begins as NequIP and learns the products it needs
+                self.square_linear.weight.zero_()
+        else:
+            self.square = torch.nn.Identity()
+            self.square_linear = torch.nn.Identity()
 
     def forward(self, x: Tensor, sh: Tensor, rbf: Tensor, env: Tensor, src: Tensor, dst: Tensor) -> Tensor:
         """x (N, F); sh (E, irreps_sh.dim); rbf (E, n_rbf); env (E, 1); src, dst (E,) directed edges."""
         w = self.radial2(torch.nn.functional.silu(self.radial1(rbf))) * env
         msg = self.tp(x.index_select(0, src), sh, w)
         agg = torch.zeros(x.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device).index_add_(0, dst, msg)
-        return self.gate(self.linear(agg * self.inv_sqrt_neighbors) + self.self_linear(x))
+        agg = agg * self.inv_sqrt_neighbors
+        pre = self.linear(agg) + self.self_linear(x)
+        if self.use_square:
+            a = agg[:, :self.square_dim]
+            pre = pre + self.square_linear(self.square(a, a))
+        return self.gate(pre)
 
 
 def _compile_e3nn(module: torch.nn.Module) -> None:
@@ -182,6 +208,8 @@ class EquivariantModel(CGModel):
     radial_hidden : int, width of the radial MLP (default 16)
     avg_neighbors : float, > 0, the neighbour sum is divided by its square root (default 20; ~ neighbours
         within 0.5 nm in a united-atom melt; the trainer may set it from data)
+    correlation : 1 (NequIP: messages enter linearly) or 2 (default: also the invariant squares of the summed
+        messages, a MACE-like product that makes dihedral terms easy to learn); see :class:`Interaction`
     energy_scale : float, kJ/mol, unit of the network's per-atom energies (default 1)
     neighbor_list : "dense" | "vesin" | None; None picks "vesin" above 2000 atoms, else "dense"
     seed : int, seed of the weight initialisation (the global RNG is left untouched)
@@ -194,7 +222,7 @@ class EquivariantModel(CGModel):
 
     def __init__(self, topology, cutoff: float = 0.5, l_max: int = 1, n_layers: int = 2, mul: int = 16,
                  n_rbf: int = 8, radial_hidden: int = 16, avg_neighbors: float = 20.0, energy_scale: float = 1.0,
-                 neighbor_list: Optional[str] = None, seed: int = 0):
+                 neighbor_list: Optional[str] = None, seed: int = 0, correlation: int = 2):
         super().__init__(topology)
         cutoff, energy_scale, avg_neighbors = float(cutoff), float(energy_scale), float(avg_neighbors)
         l_max, n_layers, mul, n_rbf, radial_hidden = int(l_max), int(n_layers), int(mul), int(n_rbf), int(radial_hidden)
@@ -203,6 +231,7 @@ class EquivariantModel(CGModel):
                 ("n_layers", n_layers, n_layers >= 1, ">= 1"), ("mul", mul, mul >= 1, ">= 1"),
                 ("n_rbf", n_rbf, n_rbf >= 1, ">= 1"), ("radial_hidden", radial_hidden, radial_hidden >= 1, ">= 1"),
                 ("avg_neighbors", avg_neighbors, avg_neighbors > 0, "> 0"),
+                ("correlation", correlation, correlation in (1, 2), "1 or 2"),
                 ("energy_scale", energy_scale, energy_scale > 0, "> 0 kJ/mol")):
             if not ok:
                 raise EnpcgError(f"equivariant model config field {name!r}: received {value}; it must be {rule}")
@@ -216,7 +245,8 @@ class EquivariantModel(CGModel):
             _vesin()
         self.config = {"cutoff": cutoff, "l_max": l_max, "n_layers": n_layers, "mul": mul, "n_rbf": n_rbf,
                        "radial_hidden": radial_hidden, "avg_neighbors": avg_neighbors,
-                       "energy_scale": energy_scale, "neighbor_list": neighbor_list, "seed": int(seed)}
+                       "energy_scale": energy_scale, "neighbor_list": neighbor_list, "seed": int(seed),
+                       "correlation": int(correlation)}
         self.cutoff = cutoff
         self.mul = mul
         self.energy_scale = energy_scale
@@ -230,15 +260,25 @@ class EquivariantModel(CGModel):
         self.register_buffer("species_energy", torch.zeros(n_species, dtype=torch.get_default_dtype()))
         irreps_hidden = hidden_irreps(mul, l_max)
         irreps_sh = str(o3.Irreps.spherical_harmonics(l_max))
+        # e3nn bakes its Clebsch-Gordan coefficients in the default dtype at construction: built in float32
+        # and cast later, the l = 2 coefficients keep float32 rounding, which broke the rotation symmetry of
+        # float64 forces by ~1e-10 relative. Build in float64, then cast to the caller's default dtype.
+        default_dtype = torch.get_default_dtype()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            self.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), o3.Irreps(irreps_hidden))
-            self.sh = SphericalHarmonics(o3.Irreps(irreps_sh), normalize=True, normalization="component")
-            self.radial = BesselEnvelope(cutoff, n_rbf)
-            self.blocks = torch.nn.ModuleList([
-                Interaction(irreps_hidden, irreps_sh, n_rbf, radial_hidden, avg_neighbors) for _ in range(n_layers)])
-            self.readout1 = torch.nn.Linear(mul, mul)
-            self.readout2 = torch.nn.Linear(mul, 1)
+            torch.set_default_dtype(torch.float64)
+            try:
+                self.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), o3.Irreps(irreps_hidden))
+                self.sh = SphericalHarmonics(o3.Irreps(irreps_sh), normalize=True, normalization="component")
+                self.radial = BesselEnvelope(cutoff, n_rbf)
+                self.blocks = torch.nn.ModuleList([
+                    Interaction(irreps_hidden, irreps_sh, n_rbf, radial_hidden, avg_neighbors, correlation)
+                    for _ in range(n_layers)])
+                self.readout1 = torch.nn.Linear(mul, mul)
+                self.readout2 = torch.nn.Linear(mul, 1)
+            finally:
+                torch.set_default_dtype(default_dtype)
+        self.to(default_dtype)
 
     # ------------------------------------------------------------------ TorchScript
     def __prepare_scriptable__(self):

@@ -64,7 +64,9 @@ def equivariant_reference(model_dir, melt=None):
         system.addParticle(float(m))
     box = np.asarray(melt.box, dtype=np.float64)
     system.setDefaultPeriodicBoxVectors(*[mm.Vec3(*row) for row in box])
-    for force in export_forces(model, "torch", periodic=True):
+    # float32: twice as fast as float64 on CPUs and far faster on GPUs; thermal noise dwarfs its rounding, and
+    # the frames' forces come from this same float32 model, so sampling and forces share one Hamiltonian.
+    for force in export_forces(model, "torch", periodic=True, dtype="float32"):
         system.addForce(force)
     meta = {"reference": "equivariant", "model_dir": str(model_dir), **dict(melt.metadata or {})}
     return PolymerSystem(system=system, topology=melt.topology, positions=np.asarray(melt.positions), box=box,

@@ -124,7 +124,8 @@ def force_metrics(model, positions, forces, box, frames, batch_size: int = 4) ->
 def train_equivariant(model, positions, forces, energies, box, species_index, *, energy_weight: float = 1.0,
                       force_weight: float = 1.0, epochs: int = 50, batch_size: int = 4, lr: float = 5e-3,
                       val_fraction: float = 0.2, patience: int = 10, seed: int = 0, device=None, out_dir,
-                      resume: bool = True, max_minutes: Optional[float] = None, progress: bool = True):
+                      resume: bool = True, max_minutes: Optional[float] = None, progress: bool = True,
+                      force_groups=None, schedule: Optional[str] = None):
     """Fit an :class:`~enpcg.equivariant.EquivariantModel` to atomistic energies and forces.
 
     Parameters
@@ -137,8 +138,10 @@ def train_equivariant(model, positions, forces, energies, box, species_index, *,
         (must equal ``model.topology.type_index()``)
     energy_weight : weight of the squared energy error per atom, per (kJ/mol)^2; force_weight : weight of the
         squared force error, per (kJ/mol/nm)^2
-    epochs, batch_size, lr, val_fraction, patience, seed, device, resume, max_minutes, progress : as in
-        :func:`enpcg.fitting.trainer.train_force_matching`
+    epochs, batch_size, lr, val_fraction, patience, seed, device, resume, max_minutes, progress,
+        force_groups : as in :func:`enpcg.fitting.trainer.train_force_matching`
+    schedule : learning-rate schedule of the trainer; None = "cosine_time" with ``max_minutes`` (spend the
+        budget decaying to 1e-3 lr), else "plateau"
     out_dir : folder for ``checkpoint.pt``, ``history.json``, ``training_curve.png`` and ``metrics.json``
 
     Returns
@@ -170,7 +173,8 @@ def train_equivariant(model, positions, forces, energies, box, species_index, *,
         model, pos, forces, box, out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=lr,
         val_fraction=val_fraction, patience=patience, seed=seed, device=device, progress=progress,
         resume=resume, max_minutes=max_minutes, energies=energies, energy_weight=energy_weight,
-        force_weight=force_weight)
+        force_weight=force_weight, force_groups=force_groups,
+        schedule=schedule or ("cosine_time" if max_minutes else "plateau"), min_lr=1e-3 * lr)
 
     _, val_idx = _split(pos.shape[0], val_fraction, seed)  # the trainer's own validation frames
     metrics = force_metrics(model, pos, forces, box, val_idx, batch_size=batch_size)

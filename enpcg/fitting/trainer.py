@@ -141,7 +141,8 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                          max_minutes: Optional[float] = None, schedule: str = "plateau",
                          weight_decay: float = 0.0, ema_decay: float = 0.0, select_best: bool = True,
                          lr_factor: float = 0.5, lr_patience: int = 5, min_lr: float = 1e-6,
-                         energies=None, energy_weight: float = 0.0, force_weight: float = 1.0):
+                         energies=None, energy_weight: float = 0.0, force_weight: float = 1.0,
+                         force_groups=None):
     """Fit ``model`` to reference forces by minibatch force matching; returns ``(model, history)``.
 
     Parameters
@@ -166,13 +167,20 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         w_ema <- ema_decay w_ema + (1 - ema_decay) w), which averages out minibatch noise; 0.99 suits noisy
         forces
     schedule : "plateau" (ReduceLROnPlateau on the validation loss: factor ``lr_factor`` after ``lr_patience``
-        epochs without improvement, down to ``min_lr``) or "cosine" (cosine decay from ``lr`` to ``min_lr``
-        over ``epochs``; it averages out minibatch noise on noisy forces)
+        epochs without improvement, down to ``min_lr``), "cosine" (cosine decay from ``lr`` to ``min_lr``
+        over ``epochs``; it averages out minibatch noise on noisy forces) or "cosine_time" (the same decay over
+        the wall-time budget ``max_minutes``, set at every step: the way to spend a fixed budget well; the
+        path then depends on the machine's speed)
     select_best : keep the weights of the epoch with the lowest validation loss (True) or of the last epoch
     energies : array, shape=(F,), kJ/mol, reference potential energies, or None (forces only); they matter
         only with ``energy_weight > 0``
     energy_weight : weight of the energy term, per (kJ/mol per bead)^2; force_weight : weight of the force
         term, per (kJ/mol/nm)^2
+    force_groups : list of ``(group_index, weight)`` or None. ``group_index`` (n,) int assigns each particle
+        to a group (e.g. its CG bead, or its molecule); the loss gains ``weight`` x the mean squared error of
+        the group force sums, per (kJ/mol/nm)^2. Multiscale force matching: an atomistic model is judged
+        on the mapped bead forces and on whole-molecule (intermolecular) forces, which atom forces dominated
+        by stiff bonds hardly constrain.
 
     Returns
     -------
@@ -210,6 +218,15 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
     ref = _as_frames(forces, "forces", dtype, (n_beads, 3), n_frames)
     cell = None if box is None else _as_frames(box, "box", dtype, (3, 3), n_frames)
     use_energy = energies is not None and energy_weight > 0
+    groups_loss = []
+    for g_index, g_weight in (force_groups or []):
+        g_index = torch.as_tensor(np.asarray(g_index, dtype=np.int64).reshape(-1))
+        if g_index.shape[0] != n_beads or int(g_index.min()) < 0 or not float(g_weight) >= 0:
+            raise EnpcgError(f"train_force_matching: each force group needs one non-negative group index per "
+                             f"particle ({n_beads}) and a weight >= 0; you supplied {tuple(g_index.shape)} "
+                             f"indices and weight {g_weight}")
+        if float(g_weight) > 0:
+            groups_loss.append((g_index.to(device), int(g_index.max()) + 1, float(g_weight)))
     if use_energy:
         e_ref = _as_frames(np.asarray(energies, dtype=np.float64).reshape(-1, 1, 1), "energies", dtype, (1, 1),
                            n_frames).reshape(-1)
@@ -264,9 +281,14 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                                                                patience=lr_patience, min_lr=min_lr)
     elif schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=min_lr)
+    elif schedule == "cosine_time":
+        if not max_minutes:
+            raise EnpcgError("train_force_matching: schedule 'cosine_time' decays over max_minutes; set "
+                             "max_minutes > 0 or use schedule 'cosine'")
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)  # lr set per step
     else:
-        raise EnpcgError(f"train_force_matching: schedule must be 'plateau' or 'cosine'; you supplied "
-                         f"{schedule!r}")
+        raise EnpcgError(f"train_force_matching: schedule must be 'plateau', 'cosine' or 'cosine_time'; you "
+                         f"supplied {schedule!r}")
     # Settings that shape the optimisation path (epochs may grow on resume; patience, max_minutes may change).
     settings = {"batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
                 "val_fraction": float(val_fraction), "schedule": schedule, "weight_decay": float(weight_decay), "ema_decay": float(ema_decay),
@@ -277,6 +299,8 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                         energy_sum=float(e_target.double().sum()))
     elif force_weight != 1.0:
         settings["force_weight"] = float(force_weight)
+    if groups_loss:
+        settings["force_groups"] = [[w, n, int(g.sum())] for g, n, w in groups_loss]
     fingerprint = _fingerprint(model, pos, target, cell, prior, settings)
     history = {"epoch": [], "train_rmse": [], "val_rmse": [], "lr": [], "best_epoch": 0,
                "best_val_rmse": math.inf, "kept_epoch": 0, "stopped": "running", "units": "kJ/mol/nm"}
@@ -307,24 +331,41 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         if history.get("stopped") == "early_stopping":
             start_epoch = epochs + 1  # nothing left to do: return the best weights
 
+    def group_loss(df):
+        """Weighted mean squared group-sum force errors of df (B, n, 3) kJ/mol/nm; a 0-d tensor."""
+        loss = df.new_zeros(())
+        for g_index, n_groups, g_weight in groups_loss:
+            sums = df.new_zeros(df.shape[0], n_groups, 3).index_add_(1, g_index, df)
+            loss = loss + g_weight * (sums ** 2).mean()
+        return loss
+
     def evaluate(idx):
-        """Mean squared force error (kJ/mol/nm)^2 and energy error per bead (kJ/mol)^2 over frames idx."""
-        total, e_total = 0.0, 0.0
+        """Mean squared force error (kJ/mol/nm)^2, energy error per bead (kJ/mol)^2 and weighted group-force
+        loss over frames idx."""
+        total, e_total, g_total = 0.0, 0.0, 0.0
         for s in range(0, len(idx), batch_size):
             b = torch.as_tensor(idx[s:s + batch_size], device=device)
             e, f = batch_forces(averaged, pos[b], None if cell is None else cell[b])
-            total += float(((f.detach() - target[b]) ** 2).sum())
+            df = f.detach() - target[b]
+            total += float((df ** 2).sum())
+            g_total += float(group_loss(df)) * len(b)
             if use_energy:
                 e_total += float((((e.detach() - e_target[b]) / n_beads) ** 2).sum())
-        return total / (len(idx) * n_beads * 3), e_total / len(idx)
+        return total / (len(idx) * n_beads * 3), e_total / len(idx), g_total / len(idx)
 
-    def combined(f_mse, e_mse):
+    def combined(f_mse, e_mse, g_mse):
         # Force-only fits rank epochs by the force error itself (force_weight 1 leaves it unchanged).
-        return force_weight * f_mse + (energy_weight * e_mse if use_energy else 0.0)
+        return force_weight * f_mse + (energy_weight * e_mse if use_energy else 0.0) + g_mse
 
     stop_after = os.environ.get(STOP_ENV)
     stop_after = int(stop_after) if stop_after else None
     t0 = time.monotonic()
+    seconds_before = float(history.get("train_seconds", 0.0))  # wall time of earlier runs (resume)
+    eval_seconds = 0.0  # duration of the last validation pass
+
+    def time_cosine_lr():
+        frac = min(1.0, (seconds_before + time.monotonic() - t0) / (60.0 * max_minutes))
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
     bar = tqdm(total=epochs, initial=min(start_epoch - 1, epochs), disable=not progress, desc="force matching",
                unit="epoch")
     stopped = history.get("stopped", "running") if start_epoch > epochs else "max_epochs"
@@ -332,12 +373,22 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         for epoch in range(start_epoch, epochs + 1):
             model.train()
             order = _epoch_order(train_idx, seed, epoch)
-            sq_sum, e_sq_sum = 0.0, 0.0
+            sq_sum, e_sq_sum, n_seen, budget_hit = 0.0, 0.0, 0, False
             for s in range(0, len(order), batch_size):
                 b = torch.as_tensor(order[s:s + batch_size], device=device)
+                if schedule == "cosine_time":
+                    # The budget covers everything: stop stepping in time for the epoch's validation pass.
+                    if n_seen and seconds_before + time.monotonic() - t0 + eval_seconds >= 60.0 * max_minutes:
+                        budget_hit = True
+                        break
+                    for group in optimizer.param_groups:
+                        group["lr"] = time_cosine_lr()
                 e, f = batch_forces(model, pos[b], None if cell is None else cell[b], create_graph=True)
-                f_loss = ((f - target[b]) ** 2).mean()
+                df = f - target[b]
+                f_loss = (df ** 2).mean()
                 loss = f_loss * force_weight
+                if groups_loss:
+                    loss = loss + group_loss(df)
                 if use_energy:
                     e_loss = (((e - e_target[b]) / n_beads) ** 2).mean()
                     loss = loss + energy_weight * e_loss
@@ -350,14 +401,18 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                         torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()),
                                              1.0 - ema_decay)
                 sq_sum += float(f_loss.detach()) * len(b)
-            train_mse = sq_sum / len(order)
+                n_seen += len(b)
+            train_mse = sq_sum / max(1, n_seen)
             model.eval()
-            val_force_mse, val_energy_mse = evaluate(val_idx)
-            val_mse = combined(val_force_mse, val_energy_mse)
+            t_eval = time.monotonic()
+            val_force_mse, val_energy_mse, val_group_mse = evaluate(val_idx)
+            eval_seconds = time.monotonic() - t_eval
+            val_mse = combined(val_force_mse, val_energy_mse, val_group_mse)
             if schedule == "plateau":
                 scheduler.step(val_mse)
-            else:
+            elif schedule == "cosine":
                 scheduler.step()
+            history["train_seconds"] = seconds_before + time.monotonic() - t0
             improved = val_mse < best_val
             if improved:
                 best_val, bad_epochs = val_mse, 0
@@ -371,11 +426,12 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
             history["train_rmse"].append(math.sqrt(train_mse))
             history["val_rmse"].append(math.sqrt(val_force_mse))
             if use_energy:
-                history["train_energy_rmse"].append(math.sqrt(e_sq_sum / len(order)))
+                history["train_energy_rmse"].append(math.sqrt(e_sq_sum / max(1, n_seen)))
                 history["val_energy_rmse"].append(math.sqrt(val_energy_mse))
             history["lr"].append(float(optimizer.param_groups[0]["lr"]))
             finished = bad_epochs >= patience or epoch == epochs
-            out_of_time = max_minutes is not None and (time.monotonic() - t0) / 60.0 >= max_minutes
+            spent = time.monotonic() - t0 + (seconds_before if schedule == "cosine_time" else 0.0)
+            out_of_time = max_minutes is not None and (spent / 60.0 >= max_minutes or budget_hit)
             history["stopped"] = ("early_stopping" if bad_epochs >= patience else
                                   "max_epochs" if epoch == epochs else
                                   "max_minutes" if out_of_time else "running")
