@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -88,10 +89,21 @@ def _box_nm(box, topology, system):
     return box
 
 
+# Test hook: after this many checkpoints (counted in this process until it fires), raise KeyboardInterrupt (an interruption at a known
+# point, as Ctrl-C would; signals from another thread can be lost inside C calls and weakref callbacks).
+STOP_ENV = "ENPCG_SAMPLE_STOP_AFTER_CHECKPOINT"
+
+
 def _save_checkpoint(simulation, path):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             simulation.saveCheckpoint(fh)
+    stop_after = os.environ.get(STOP_ENV)
+    if stop_after:
+        _save_checkpoint.count = getattr(_save_checkpoint, "count", 0) + 1
+        if _save_checkpoint.count >= int(stop_after):
+            _save_checkpoint.count = 0
+            raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}: stopped after checkpoint {stop_after}")
 
 
 def _stored_metadata(path):
