@@ -24,7 +24,6 @@ import torch
 from ..errors import EnpcgError
 from ..fileio import write_json
 from ..fitting.trainer import _split, train_force_matching
-from ..models.base import batch_forces, model_dtype
 from ..topology import CGTopology
 
 METRICS = "metrics.json"
@@ -91,34 +90,23 @@ def mean_neighbors(positions, box, cutoff: float) -> float:
 def force_metrics(model, positions, forces, box, frames, batch_size: int = 4) -> dict:
     """Force errors of ``model`` on ``frames`` (indices): RMSE and MAE over Cartesian components, in
     kJ/mol/nm, overall and per species (``topology.type_names()``), with the reference force RMS."""
-    dt = model_dtype(model)
-    device = next(iter(model.parameters())).device
+    from .validate import model_forces
+
+    idx = np.asarray(frames)
+    ref = np.asarray(forces)[idx].astype(np.float64)
+    err = model_forces(model, np.asarray(positions)[idx], None if box is None else np.asarray(box)[idx],
+                       batch_size=batch_size) - ref
     types = np.asarray(model.topology.type_index())
-    names = model.topology.type_names()
-    sq = np.zeros(len(names))
-    ab = np.zeros(len(names))
-    ref_sq = np.zeros(len(names))
-    count = np.zeros(len(names))
-    for s in range(0, len(frames), batch_size):
-        idx = np.asarray(frames[s:s + batch_size])
-        x = torch.as_tensor(np.asarray(positions)[idx], dtype=dt, device=device)
-        b = None if box is None else torch.as_tensor(np.asarray(box)[idx], dtype=dt, device=device)
-        _, f = batch_forces(model, x, b)
-        ref = np.asarray(forces)[idx]
-        err = f.detach().cpu().numpy().astype(np.float64) - ref
-        for t in range(len(names)):
-            sel = types == t
-            sq[t] += float((err[:, sel] ** 2).sum())
-            ab[t] += float(np.abs(err[:, sel]).sum())
-            ref_sq[t] += float((ref[:, sel] ** 2).sum())
-            count[t] += err[:, sel].size
-    per = {name: {"force_rmse": float(np.sqrt(sq[t] / count[t])), "force_mae": float(ab[t] / count[t]),
-                  "reference_force_rms": float(np.sqrt(ref_sq[t] / count[t]))}
-           for t, name in enumerate(names) if count[t]}
-    total = count.sum()
-    return {"units": "kJ/mol/nm (per Cartesian component)", "n_frames": int(len(frames)),
-            "force_rmse": float(np.sqrt(sq.sum() / total)), "force_mae": float(ab.sum() / total),
-            "reference_force_rms": float(np.sqrt(ref_sq.sum() / total)), "per_species": per}
+    per = {}
+    for t, name in enumerate(model.topology.type_names()):
+        sel = types == t
+        if sel.any():
+            e, r = err[:, sel], ref[:, sel]
+            per[name] = {"force_rmse": float(np.sqrt((e ** 2).mean())), "force_mae": float(np.abs(e).mean()),
+                         "reference_force_rms": float(np.sqrt((r ** 2).mean()))}
+    return {"units": "kJ/mol/nm (per Cartesian component)", "n_frames": int(len(idx)),
+            "force_rmse": float(np.sqrt((err ** 2).mean())), "force_mae": float(np.abs(err).mean()),
+            "reference_force_rms": float(np.sqrt((ref ** 2).mean())), "per_species": per}
 
 
 def train_equivariant(model, positions, forces, energies, box, species_index, *, energy_weight: float = 1.0,
