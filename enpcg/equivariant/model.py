@@ -16,8 +16,9 @@ Network
   that multiplies every edge weight, so energy, forces and their first derivative vanish at the cutoff;
 * ``n_layers`` interaction blocks: tensor-product convolution (``o3.TensorProduct``, "uvu" paths, weights
   from a radial MLP of the Bessel basis), scatter-sum over neighbours divided by sqrt(avg_neighbors), plus a
-  self-interaction ``o3.Linear``, then an ``e3nn.nn.Gate`` (silu on scalars, sigmoid gates on l > 0), with a
-  residual update x <- x + block(x);
+  self-interaction ``o3.Linear``, with ``correlation`` 2 (default) also a linear map of the invariant squares
+  of the summed l <= 1 messages (a MACE-like product that reaches dihedral terms), then an ``e3nn.nn.Gate``
+  (silu on scalars, sigmoid gates on l > 0), with a residual update x <- x + block(x);
 * readout: per-atom energy = energy_scale * MLP(final scalars) + species_energy[species] (per-species shifts,
   a buffer the trainer sets from data); total energy = sum over atoms.
 
