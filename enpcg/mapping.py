@@ -35,7 +35,11 @@ from .topology import CGTopology
 # Allowed keys of the YAML format, one place (the error messages list them).
 YAML_TOP_KEYS = ("exclusion_bonds", "molecules")
 YAML_MOLECULE_KEYS = ("name", "count", "n_atoms", "weights", "beads", "linear", "bonds", "angles", "dihedrals")
-YAML_BEAD_KEYS = ("name", "type", "atoms", "weights")
+YAML_BEAD_KEYS = ("name", "type", "atoms", "weights", "orientation")
+# Extra per-bead vectors of a CG H5MD file with oriented beads: the mapped torque (kJ/mol) and the body axes
+# (unit vectors, the columns of the bead's rotation matrix).
+ORIENTED_VECTORS = {"torque": "kJ mol-1", "body_x": "", "body_y": "", "body_z": ""}
+ORIENTATION_POINTS = {"frame": 3, "director": 2}  # atom groups that define each kind of body frame
 YAML_LINEAR_KEYS = ("atoms_per_bead", "type", "name_prefix")
 WEIGHT_SCHEMES = ("mass", "geometry")
 TERM_WIDTH = {"bonds": 2, "angles": 3, "dihedrals": 4}
@@ -76,6 +80,7 @@ class _MoleculeSpec:
     bead_weights: list
     bead_labels: list
     terms: dict = field(default_factory=lambda: {k: [] for k in TERM_WIDTH})
+    bead_orientations: list = None  # per bead None or (kind, [atom index arrays]) with global indices
 
 
 def _is_int(x) -> bool:
@@ -166,9 +171,11 @@ class Mapping:
         owner = np.full(self.n_atoms, -1, dtype=np.int64)
         labels, names, types, atoms, weights, mol_index, residue_names = [], [], [], [], [], [], []
         terms = {k: [] for k in TERM_WIDTH}
+        orient = []
         for mol in molecules:
             if not mol.bead_names:
                 continue
+            orient.extend(mol.bead_orientations or [None] * len(mol.bead_names))
             first = len(names)
             m = len(residue_names)
             residue_names.append(mol.residue_name)
@@ -210,12 +217,22 @@ class Mapping:
         self.bead_atoms = atoms
         self.bead_weights = weights
         self.bead_labels = labels
+        self.bead_orientations = orient
+        for b, o in enumerate(orient):
+            if o is not None:
+                for g in o[1]:
+                    outside = np.setdiff1d(g, atoms[b])
+                    if outside.size:
+                        raise input_error(f"orientation uses atom {int(outside[0])}, which is not an atom of the "
+                                          "bead", path=self.source, field=f"{labels[b]}.orientation",
+                                          fix="build the frame from the bead's own atoms")
         self.topology = CGTopology(
             bead_names=names, bead_types=types,
             masses=np.array([self.atom_masses[a].sum() for a in atoms]),
             molecule_index=np.array(mol_index, dtype=np.int64),
             bonds=terms["bonds"], angles=terms["angles"], dihedrals=terms["dihedrals"],
-            residue_names=residue_names, exclusion_bonds=exclusion_bonds)
+            residue_names=residue_names, exclusion_bonds=exclusion_bonds,
+            orientations=["none" if o is None else o[0] for o in orient])
         # Flat arrays for the vectorised maps: entries grouped bead by bead, in bead order.
         self._entry_atoms = np.concatenate(atoms)
         self._entry_weights = np.concatenate(weights)
@@ -335,6 +352,87 @@ class Mapping:
         out = np.add.reduceat(f[:, self._entry_atoms], self._starts, axis=1)
         return out[0] if single else out
 
+    # ------------------------------------------------------------------------------- oriented beads
+    @property
+    def oriented(self) -> bool:
+        """True when any bead declares an orientation (a frame or a director)."""
+        return any(o is not None for o in self.bead_orientations)
+
+    def _relative(self, x, box):
+        """Atom positions of every entry relative to its bead's first atom, minimum image: (F, n_entries, 3)."""
+        d = x[:, self._entry_atoms] - x[:, self._entry_anchor]
+        if box is not None:
+            d = minimum_image(d, _check_box(box, x.shape[0]))
+        return d
+
+    def map_axes(self, positions, box=None) -> np.ndarray:
+        """Body axes of every bead, (F, n_beads, 3, 3) (or (n_beads, 3, 3)), columns e_x, e_y, e_z.
+
+        From the centres of geometry of the atom groups the mapping file declares (atoms unwrapped as for
+        :meth:`map_positions`): ``frame`` beads get e_x along c_B - c_A and e_y towards c_C; ``director``
+        beads e_x along c_B - c_A and a deterministic completion; beads without orientation the identity.
+        """
+        from .oriented.frames import director_frame, frame_from_points
+
+        x, single = self._frames(positions, "positions")
+        nf = x.shape[0]
+        out = np.broadcast_to(np.eye(3), (nf, self.n_beads, 3, 3)).copy()
+        b = None if box is None else _check_box(box, nf)
+        for kind, npts in ORIENTATION_POINTS.items():
+            beads = [i for i, o in enumerate(self.bead_orientations) if o is not None and o[0] == kind]
+            if not beads:
+                continue
+            anchor = self._first_atom[beads]
+            pts = []
+            for k in range(npts):
+                c = np.zeros((nf, len(beads), 3))
+                for j, bead in enumerate(beads):
+                    g = self.bead_orientations[bead][1][k]
+                    d = x[:, g] - x[:, anchor[j]][:, None]
+                    if b is not None:
+                        d = minimum_image(d, b)
+                    c[:, j] = d.mean(axis=1)
+                pts.append(c)
+            out[:, beads] = frame_from_points(*pts) if kind == "frame" else director_frame(*pts)
+        return out[0] if single else out
+
+    def _arms(self, x, box):
+        """Lever arms r_i - R_I of every entry, (F, n_entries, 3) nm."""
+        d = self._relative(x, box)
+        centre = np.add.reduceat(d * self._entry_weights[None, :, None], self._starts, axis=1)
+        sizes = np.diff(np.append(self._starts, len(self._entry_atoms)))
+        return d - np.repeat(centre, sizes, axis=1)
+
+    def map_torques(self, positions, forces, box=None) -> np.ndarray:
+        """Mapped torques tau_I = sum_{i in I} (r_i - R_I) x f_i, kJ/mol, (F, n_beads, 3) (or 2-D).
+
+        positions nm and forces kJ/mol/nm of the atoms, shaped as for :meth:`map_positions`. With the
+        force map of summed atomic forces, (F_I, tau_I) are the net force and torque on the bead's atoms.
+        """
+        x, single = self._frames(positions, "positions")
+        f, _ = self._frames(forces, "forces")
+        if f.shape[0] != x.shape[0]:
+            raise EnpcgError(f"positions have {x.shape[0]} frames but forces {f.shape[0]}")
+        arms = self._arms(x, box)
+        out = np.add.reduceat(np.cross(arms, f[:, self._entry_atoms]), self._starts, axis=1)
+        return out[0] if single else out
+
+    def body_second_moments(self, positions, box=None, axes=None) -> np.ndarray:
+        """Second moments sum_i m_i d_i d_i^T of every bead's atoms about its centre, in its body frame:
+        (F, n_beads, 3, 3) amu nm^2, with d_i = axes^T (r_i - R_I). Defines the rigid body that represents
+        an oriented bead in OpenMM (principal moments of inertia follow as tr(C) - C)."""
+        x, single = self._frames(positions, "positions")
+        if axes is None:
+            axes = self.map_axes(x, box)
+        axes = np.asarray(axes).reshape(x.shape[0], self.n_beads, 3, 3)
+        arms = self._arms(x, box)
+        sizes = np.diff(np.append(self._starts, len(self._entry_atoms)))
+        q = np.repeat(axes, sizes, axis=1)                                  # (F, n_entries, 3, 3)
+        body = np.einsum("feji,fej->fei", q, arms)                          # axes^T arm
+        m = self.atom_masses[self._entry_atoms][None, :, None, None]
+        out = np.add.reduceat(m * body[..., :, None] * body[..., None, :], self._starts, axis=1)
+        return out[0] if single else out
+
     # ------------------------------------------------------------------------------- identity
     def to_dict(self) -> dict:
         """Canonical, JSON-able description: atoms, rounded normalised weights and the CG topology."""
@@ -350,6 +448,8 @@ class Mapping:
             "bead_weights": [rnd(w) for w in self.bead_weights],
             "force_map": "sum",
             "topology": topo,
+            **({"orientations": [None if o is None else [o[0], [g.tolist() for g in o[1]]]
+                                 for o in self.bead_orientations]} if self.oriented else {}),
         }
 
     def hash(self) -> str:
@@ -434,9 +534,38 @@ def _parse_yaml(text, source, n_atoms):
                 bead_names=[b[0] for b in beads], bead_types=[b[1] for b in beads],
                 bead_atoms=[b[2] + start for b in beads], bead_weights=[b[3] for b in beads],
                 bead_labels=[f"{b[4]} (copy {copy}, atoms {b[2][0] + start}..)" for b in beads],
-                terms=terms))
+                terms=terms,
+                bead_orientations=[None if len(b) < 6 or b[5] is None else
+                                   (b[5][0], [g + start for g in b[5][1]]) for b in beads]))
         offset += count * n_mol
     return specs, exclusion_bonds, offset
+
+
+def _yaml_orientation(spec, source, where, n_mol):
+    """``{frame: [A, B, C]}`` or ``{director: [A, B]}``; each point an atom index within the molecule or a
+    list of them (the group's centre of geometry). Returns (kind, [local atom index arrays])."""
+    fix = ("write `orientation: {frame: [A, B, C]}` (e_x along B - A, e_y towards C) or "
+           "`orientation: {director: [A, B]}`, each point an atom index or a list of atom indices")
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ORIENTATION_POINTS:
+        raise input_error(f"must be a mapping with one key, frame or director; received {repr(spec)[:80]}",
+                          path=source, field=where, fix=fix)
+    kind, points = next(iter(spec.items()))
+    need = ORIENTATION_POINTS[kind]
+    if not isinstance(points, list) or len(points) != need:
+        raise input_error(f"{kind} needs {need} points (atom indices or lists of them); received "
+                          f"{repr(points)[:80]}", path=source, field=f"{where}.{kind}", fix=fix)
+    groups = []
+    for k, p in enumerate(points):
+        g = [p] if _is_int(p) else p
+        if not isinstance(g, list) or not g or not all(_is_int(a) for a in g):
+            raise input_error(f"point {k} must be an atom index or a non-empty list of atom indices; received "
+                              f"{p!r}", path=source, field=f"{where}.{kind}[{k}]", fix=fix)
+        bad = [a for a in g if not 0 <= a < n_mol]
+        if bad:
+            raise input_error(f"atom index {bad[0]} does not exist (0..{n_mol - 1} within the molecule)",
+                              path=source, field=f"{where}.{kind}[{k}]", fix="use 0-based indices within the molecule")
+        groups.append(np.asarray(g, dtype=np.int64))
+    return kind, groups
 
 
 def _yaml_beads(mol, source, where, n_mol, default_w):
@@ -486,7 +615,9 @@ def _yaml_beads(mol, source, where, n_mol, default_w):
                                   f"(indices 0..{n_mol - 1}, 0-based within the molecule)", path=source,
                                   field=f"{bw}.atoms", fix="use 0-based indices within the molecule")
             wspec = _weight_spec(bead.get("weights", default_w), source, f"{bw}.weights", len(atoms))
-            beads.append((name, btype, np.asarray(atoms, dtype=np.int64), wspec, f"{bw} ({name})"))
+            orientation = _yaml_orientation(bead["orientation"], source, f"{bw}.orientation", n_mol) \
+                if "orientation" in bead else None
+            beads.append((name, btype, np.asarray(atoms, dtype=np.int64), wspec, f"{bw} ({name})", orientation))
     for kind, width in TERM_WIDTH.items():
         if kind in mol:
             raw = mol[kind]
@@ -748,6 +879,10 @@ def map_trajectory(mapping: Mapping, in_h5md, out_h5md, *, out_topology_json=Non
                    progress=True) -> Path:
     """Map an atomistic H5MD trajectory (with forces) to a CG H5MD trajectory.
 
+    Oriented beads (an ``orientation`` in the mapping file) add the extra vectors ``torque`` (kJ/mol) and
+    ``body_x``, ``body_y``, ``body_z`` (the body axes) to every frame and each oriented type's mean body-frame
+    second moment (amu nm^2) to the topology (``body_moments``).
+
     Writes ``out_h5md`` (bead positions nm, forces kJ/mol/nm, box nm, time ps, step, potential energy
     kJ/mol when present, bead masses amu, species = bead types, topology_json = the CG topology, metadata =
     the atomistic metadata plus ``mapping_hash``), ``out_topology_json`` (default: ``cg_topology.json``
@@ -774,8 +909,12 @@ def map_trajectory(mapping: Mapping, in_h5md, out_h5md, *, out_topology_json=Non
                           fix="sample the atomistic system first")
     windows = [slice(s, min(s + chunk, total)) for s in range(0, total, chunk)]
 
-    # pass 1: validate everything before any output exists (read_h5md names non-finite frames itself)
+    # pass 1: validate everything before any output exists (read_h5md names non-finite frames itself); for
+    # oriented beads also accumulate each type's mean body-frame second moment (needed in the topology,
+    # which is written before the frames)
     head = None
+    topo = mapping.topology
+    moments = {}
     for w in _progress(windows, progress, "check"):
         fr = read_h5md(in_h5md, frames=w, require_forces=True)
         if head is None:
@@ -785,9 +924,21 @@ def map_trajectory(mapping: Mapping, in_h5md, out_h5md, *, out_topology_json=Non
             raise input_error("the trajectory has no box", path=in_h5md, field="particles/all/box/edges",
                               fix="sample a periodic system (OpenMM writes the box vectors with every frame)")
         _check_box_frames(fr.box, w.start, in_h5md)
+        if mapping.oriented:
+            c = mapping.body_second_moments(fr.positions, fr.box)
+            for t in {bt for bt, o in zip(topo.bead_types, topo.orientations) if o != "none"}:
+                sel = [i for i, bt in enumerate(topo.bead_types) if bt == t]
+                acc = moments.setdefault(t, [np.zeros((3, 3)), 0])
+                acc[0] += c[:, sel].sum(axis=(0, 1))
+                acc[1] += c.shape[0] * len(sel)
 
     # pass 2: map and write to temporary files; they replace the outputs only when all are complete
-    topo = mapping.topology
+    if moments:
+        import copy
+
+        topo = copy.deepcopy(topo)
+        topo.body_moments = {t: (acc[0] / acc[1]).tolist() for t, acc in moments.items()}
+    extra = ORIENTED_VECTORS if mapping.oriented else ()
     metadata = dict(head.metadata or {})
     metadata.update({"mapping_hash": mapping.hash(), "mapping_source": mapping.source,
                      "atomistic_source": str(in_h5md), "n_atoms_atomistic": mapping.n_atoms})
@@ -797,12 +948,18 @@ def map_trajectory(mapping: Mapping, in_h5md, out_h5md, *, out_topology_json=Non
         tmp_json = stack.enter_context(atomic_path(out_topology_json))
         tmp_pdb = stack.enter_context(atomic_path(out_pdb))
         with H5MDWriter(tmp_h5, topo.n_beads, masses=topo.masses, species=list(topo.bead_types),
-                        topology_json=json.dumps(topo.to_dict()), metadata=metadata) as writer:
+                        topology_json=json.dumps(topo.to_dict()), metadata=metadata,
+                        extra_vectors=extra) as writer:
             for w in _progress(windows, progress, "map"):
                 fr = read_h5md(in_h5md, frames=w, require_forces=True)
                 pos = mapping.map_positions(fr.positions, fr.box)
+                vectors = {}
+                if mapping.oriented:
+                    axes = mapping.map_axes(fr.positions, fr.box)
+                    vectors = {"torque": mapping.map_torques(fr.positions, fr.forces, fr.box),
+                               "body_x": axes[..., 0], "body_y": axes[..., 1], "body_z": axes[..., 2]}
                 writer.append_many(pos, mapping.map_forces(fr.forces), fr.box, fr.time, fr.step,
-                                   potential_energy=fr.potential_energy)
+                                   potential_energy=fr.potential_energy, **vectors)
                 if first is None:
                     first = (pos[0], fr.box[0])
         topo.save_json(tmp_json)

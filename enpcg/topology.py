@@ -43,6 +43,11 @@ class CGTopology:
     bonds, angles, dihedrals : np.ndarray, shape=(n, 2|3|4), int bead indices
     residue_names : list of str, (n_molecules,), residue name written to PDB for each molecule
     exclusion_bonds : int, nonbonded pairs separated by at most this many CG bonds are excluded
+    orientations : list of str, (n_beads,), "none" (a point bead), "director" (uniaxial: body axis e_x only)
+        or "frame" (a full body frame); default all "none" (see :mod:`enpcg.oriented`)
+    body_moments : dict bead type -> (3, 3) list, amu nm^2, mean second moment sum_i m_i d_i d_i^T of the
+        bead's atoms about the bead centre in its body frame (from the mapped data); it sets the mass
+        distribution of the bead's rigid massive sites in OpenMM (``openmm_plugin.oriented``)
     """
 
     bead_names: list
@@ -54,6 +59,8 @@ class CGTopology:
     dihedrals: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
     residue_names: list = None
     exclusion_bonds: int = 2
+    orientations: list = None
+    body_moments: dict = None
 
     def __post_init__(self):
         n = len(self.bead_names)
@@ -75,6 +82,22 @@ class CGTopology:
         if self.residue_names is None:
             self.residue_names = ["CG"] * self.n_molecules
         self.exclusion_bonds = int(self.exclusion_bonds)
+        if self.orientations is None:
+            self.orientations = ["none"] * n
+        self.orientations = [str(o) for o in self.orientations]
+        if len(self.orientations) != n:
+            raise EnpcgError(f"CGTopology.orientations has {len(self.orientations)} entries; expected one per "
+                             f"bead ({n})")
+        bad = sorted({o for o in self.orientations} - {"none", "director", "frame"})
+        if bad:
+            raise EnpcgError(f"CGTopology.orientations: unknown kind(s) {bad}; allowed: none, director, frame")
+        self.body_moments = {str(k): np.asarray(v, dtype=np.float64).tolist()
+                             for k, v in (self.body_moments or {}).items()}
+
+    @property
+    def oriented(self) -> bool:
+        """True when any bead carries an orientation."""
+        return any(o != "none" for o in self.orientations)
 
     # ----------------------------------------------------------------- sizes and types
     @property
@@ -154,7 +177,7 @@ class CGTopology:
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
-        return {
+        d = {
             "bead_names": list(self.bead_names),
             "bead_types": list(self.bead_types),
             "masses": [float(m) for m in self.masses],
@@ -165,11 +188,17 @@ class CGTopology:
             "residue_names": list(self.residue_names),
             "exclusion_bonds": self.exclusion_bonds,
         }
+        # Oriented data only when present, so point-bead topologies (and mapping hashes) are unchanged.
+        if self.oriented:
+            d["orientations"] = list(self.orientations)
+        if self.body_moments:
+            d["body_moments"] = {k: [list(map(float, row)) for row in v] for k, v in self.body_moments.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CGTopology":
         known = {"bead_names", "bead_types", "masses", "molecule_index", "bonds", "angles", "dihedrals",
-                 "residue_names", "exclusion_bonds"}
+                 "residue_names", "exclusion_bonds", "orientations", "body_moments"}
         unknown = set(d) - known
         if unknown:
             raise EnpcgError(f"CG topology has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")

@@ -25,6 +25,9 @@ _EXPORTS = {
     "BACKENDS": ".export",
     "run_simulation": ".simulate",
     "import_openmmtorch": "._imports",
+    "create_oriented_system": ".oriented",
+    "OrientedForceReporter": ".oriented",
+    "rigid_body_layout": ".oriented",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,8 +1,16 @@
 """Atomistic reference systems (OpenMM Systems built from scratch) and their bundled data.
 
 ``systems.polyethylene``: united-atom polyethylene melt (TraPPE-UA, flexible bonds); the bundled
-equilibrated melt (21 chains x 48 sites, 450 K, 1 bar) lies in ``systems/data/pe_melt.*``. Names are
-imported lazily so that ``import systems`` does not load OpenMM.
+equilibrated melt (21 chains x 48 sites, 450 K, 1 bar) lies in ``systems/data/pe_melt.*``.
+
+``systems.otp``: Lewis-Wahnstrom ortho-terphenyl, a rigid three-site LJ glass former (``build_liquid``,
+``create_system``, ``site_coordinates``; mapping ``systems/mappings/otp_frame.yaml``, one oriented bead per
+molecule). ``systems.methylpentane``: TraPPE-UA 3-methylpentane with flexible bonds, a molecular glass former
+(``build_liquid``, ``create_system``; mapping ``systems/mappings/methylpentane_frame.yaml``). Import those
+modules directly (``from systems import otp``).
+
+The names in ``__all__`` (all from ``systems.polyethylene``) are imported lazily, so that ``import systems``
+does not load OpenMM.
 """
 _EXPORTS = {"PolymerSystem", "build_melt", "create_system", "default_melt", "load_melt", "load_reference",
             "save_melt", "reference_paths"}

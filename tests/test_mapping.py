@@ -301,7 +301,7 @@ BAD_YAML = {
     "unknown_molecule_key": (f"molecules:\n  - {{name: M, n_atom: 1, n_atoms: 1, beads: [{ONE}]}}\n",
                              ["molecules[0]", "['n_atom']", "allowed keys", "'linear'"]),
     "unknown_bead_key": ("molecules:\n  - {name: M, n_atoms: 1, beads: [{name: A, type: A, atom: [0]}]}\n",
-                         ["molecules[0].beads[0]", "['atom']", "allowed keys: ['name', 'type', 'atoms', 'weights']"]),
+                         ["molecules[0].beads[0]", "['atom']", "allowed keys: ['name', 'type', 'atoms', 'weights', 'orientation']"]),
     "unknown_linear_key": ("molecules:\n  - {name: M, n_atoms: 4, linear: {atoms_per_bead: 2, type: A, prefix: X}}\n",
                            ["molecules[0].linear", "['prefix']", "'name_prefix'"]),
     "negative_weight": ("molecules:\n  - {name: M, n_atoms: 2, beads: [{name: A, type: A, atoms: [0, 1], "

@@ -44,6 +44,7 @@ def _ensure_registered():
     from . import analytic, composite  # noqa: F401
     from . import neural, priors, spline  # noqa: F401
     from ..equivariant import model as _equivariant  # noqa: F401  (kind "equivariant", atomistic)
+    from ..oriented import gay_berne, neural as _oriented_neural, sites  # noqa: F401  (oriented beads)
 
 
 class CGModel(torch.nn.Module):
