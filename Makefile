@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.enpcg-installed
 
-.PHONY: all demo test bench bench-lmax enp-model venv clean
+.PHONY: all demo test bench bench-lmax bench-oriented oriented-example enp-model venv clean
 
 all: test
 
@@ -42,6 +42,14 @@ enp-model: $(ENP_DATA)
 # l_max = 0..3 cost and accuracy (about 25 minutes on 2 cores); outside `make bench` and `make test`.
 bench-lmax: $(ENP_DATA)
 	$(PY) bench/lmax.py
+
+# Oriented beads: CG ortho-terphenyl vs the native atomistic model (bench/gpu_oriented.sh on a GPU machine),
+# and the 3-methylpentane example end to end (about 5 minutes on 2 cores).
+bench-oriented: $(STAMP)
+	$(PY) bench/oriented.py --platform CPU --fit
+
+oriented-example: $(STAMP)
+	$(PY) examples/oriented_methylpentane.py --out out/oriented_methylpentane
 
 clean:
 	rm -rf out .pytest_cache

@@ -61,7 +61,8 @@ STAGES = {
     },
     "fit": {
         "data": _opt("out/cg/cg.h5", "CG H5MD dataset (mapped positions and forces)"),
-        "model": _opt("spline", "model kind", choices=["priors", "spline", "neural"]),
+        "model": _opt("spline", "model kind (oriented_neural: oriented beads, force-and-torque matching)",
+                      choices=["priors", "spline", "neural", "oriented_neural"]),
         "out": _opt("out/model", "output model folder (model.json + model.pt)"),
         "temperature": _opt(450.0, "temperature of the data, K (Boltzmann inversion)"),
         "cutoff": _opt(1.2, "nonbonded cutoff, nm"),
@@ -73,6 +74,8 @@ STAGES = {
         "lr": _opt(3e-3, "neural: learning rate"),
         "patience": _opt(10, "neural: early-stopping patience, epochs"),
         "max_minutes": _opt(0.0, "neural: stop training after this many minutes (0 = no limit)"),
+        "length_scale": _opt(0.0, "oriented_neural: torque length scale l of the loss dF^2 + dtau^2 / l^2, nm "
+                             "(0 = the beads' radius of gyration)"),
         "device": _opt("auto", "fitting device: auto, cpu, cuda"),
         "seed": _opt(0, "random seed"),
         "resume": _opt(True, "resume an interrupted fit from its checkpoint"),

@@ -122,9 +122,13 @@ def _device(device):
 
 
 def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr, patience, device, seed, resume,
-            refine_iterations=0, refine_ps=20.0, max_minutes=0.0):
+            refine_iterations=0, refine_ps=20.0, max_minutes=0.0, length_scale=0.0):
     """Fit a CG model to a CG dataset by force matching and save it to ``out`` (model.json + model.pt)."""
     from .models import load_model, save_model
+
+    if model == "oriented_neural":
+        return _fit_oriented(data, out, temperature, cutoff, epochs, batch_size, lr, device, seed, resume,
+                             max_minutes, length_scale)
 
     fr, topology = load_cg_dataset(data)
     meta = {"mapping_hash": fr.metadata.get("mapping_hash"), "training_data": str(data),
@@ -315,6 +319,48 @@ def run_simulate(model, backend, pdb, out, time_ps, timestep, temperature, frict
                          platform=None if platform == "auto" else platform, seed=seed)
     pot.topology.write_pdb(Path(out) / "cg.pdb", pos, box)
     return res
+
+
+def _fit_oriented(data, out, temperature, cutoff, epochs, batch_size, lr, device, seed, resume, max_minutes,
+                  length_scale):
+    """Force-and-torque matching of an ``oriented_neural`` model to an oriented CG dataset (enpcg map of a
+    mapping whose beads declare ``orientation``); saves the model and ``training/history.json``."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from .models import create_model, save_model
+    from .oriented.data import read_oriented
+    from .oriented.fit import chiral_energy_fraction, fit_oriented, oriented_errors
+    from .oriented.pairs import nonbonded_pairs, pair_displacements
+
+    d = read_oriented(data)
+    # A weak repulsive core just inside the closest approach seen in the data keeps CG runs from overlapping.
+    sub = d.select(slice(0, min(d.n_frames, 20)))
+    pairs = nonbonded_pairs(d.topology)
+    box = None if sub.box is None else torch.as_tensor(sub.box)
+    r_min = float(torch.linalg.norm(pair_displacements(torch.as_tensor(sub.positions), pairs, box), dim=-1).min())
+    kt = 0.0083144626 * temperature
+    # The learned, orientation-dependent contact distance starts at the closest approach in the data.
+    net = create_model("oriented_neural", d.topology, cutoff=cutoff, core_radius=round(0.9 * r_min, 4),
+                       contact=True, contact_init=round(r_min, 4), contact_width=round(r_min, 4),
+                       energy_scale=2 * kt, seed=seed).double()
+    train_dir = Path(out) / "training"
+    if not resume and train_dir.exists():
+        shutil.rmtree(train_dir)
+    t0 = time.time()
+    history = fit_oriented(net, d, epochs=epochs, lr=lr, batch_size=batch_size,
+                           length_scale=length_scale or None, seed=seed, max_seconds=(max_minutes * 60) or None,
+                           out_dir=train_dir, device=_device(device), progress=True)
+    check = d.select(np.asarray(history["val_frames"], dtype=np.int64))   # frames the fit held out
+    net.to("cpu")
+    meta = {"training_data": str(data), "n_frames": d.n_frames, "temperature": temperature,
+            "fit_seconds": round(time.time() - t0, 2), "length_scale": history["length_scale"],
+            "validation_errors": oriented_errors(net, check),
+            "chiral_energy_fraction": chiral_energy_fraction(net, check)}
+    save_model(net, out, metadata=meta)
+    return {"model": Path(out)}
 
 
 # ------------------------------------------------------------------------------------------------ analyze

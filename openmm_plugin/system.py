@@ -89,6 +89,10 @@ class CGPotential:
         else:
             raise EnpcgError(f"CGPotential takes a CGModel or a model directory; you supplied "
                              f"{type(model_or_directory).__name__}")
+        if getattr(model, "oriented", False):
+            raise EnpcgError(f"model kind {model.kind!r} is an oriented-bead model: its beads need body frames and "
+                             "rigid massive sites; build its System with "
+                             "openmm_plugin.oriented.create_oriented_system(model, centres, axes, box)")
         _resolve_dtype(model, dtype)  # reject a bad dtype here rather than at export
         self.model = model
         self.dtype = dtype

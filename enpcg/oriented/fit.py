@@ -9,8 +9,11 @@ body moments (so a torque error counts like the force error that would produce i
 director beads the torque component along the bead's own axis is left out: a uniaxial bead's energy cannot
 depend on rotations about it, so the model carries none, while the mapped atoms do.
 
-Runs on the GPU when one is present (``device="auto"``), on the CPU otherwise; float64 by default. With an
-``out_dir`` the state is checkpointed after every epoch (atomically) and a rerun resumes from it.
+Runs on the GPU when one is present (``device="auto"``), on the CPU otherwise, in the model's dtype
+(``model.double()`` for float64; float32 is 2-3x faster on the CPU). For the small tensors of a few hundred
+beads, one torch thread is fastest on the CPU (``torch.set_num_threads(1)``): extra threads that compete
+for busy cores slow tiny operations down by orders of magnitude. With an ``out_dir`` the state is
+checkpointed after every epoch (atomically) and a rerun resumes from it.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ def _director_mask(topology) -> np.ndarray:
 
 
 def _tensors(data: OrientedData, dtype, device):
-    as_t = (lambda a: None if a is None else torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device))
+    as_t = (lambda a: None if a is None else torch.tensor(np.asarray(a), dtype=dtype, device=device))
     return (as_t(data.positions), as_t(data.axes), as_t(data.forces), as_t(data.torques), as_t(data.box))
 
 
@@ -103,7 +106,9 @@ def predict(model: OrientedModel, data: OrientedData, batch_size: int = 16):
 def oriented_errors(model: OrientedModel, data: OrientedData, batch_size: int = 16) -> dict:
     """Relative RMS errors of the model on data: force ||dF||/||F||, torque ||dtau||/||tau|| (axial
     components of director beads left out of both), energy ||dE - <dE>|| / ||E - <E>|| when the data hold
-    energies (energies are defined up to a constant)."""
+    energies (energies are defined up to a constant). The energy error is meaningful only for data whose
+    energies are the CG energy itself (known-answer data); mapped atomistic data carry the atomistic
+    potential energy, intramolecular terms included, which a CG model does not represent."""
     e, f, t = predict(model, data, batch_size)
     director = _director_mask(data.topology)
     tref, tmod = data.torques.copy(), t.copy()
@@ -145,17 +150,18 @@ def energy_parts(model: OrientedModel, data: OrientedData, batch_size: int = 16)
 
 
 def chiral_energy_fraction(model: OrientedModel, data: OrientedData) -> float:
-    """Share of the model's energy variance over the frames carried by its pseudoscalar (chiral) channel:
-    Var(E_odd) / Var(E_even + E_odd)."""
+    """Share of the model's energy variance over the frames carried by its pseudoscalar (chiral) channel,
+    Var(E_odd) / (Var(E_even) + Var(E_odd)), in [0, 1]."""
     even, odd = energy_parts(model, data)
-    total = even + odd
-    return float(np.var(odd) / np.var(total)) if np.var(total) > 0 else 0.0
+    total = np.var(even) + np.var(odd)
+    return float(np.var(odd) / total) if total > 0 else 0.0
 
 
 def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200, lr: float = 1e-2,
                  batch_size: int = 8, length_scale: Optional[float] = None, val_fraction: float = 0.2,
                  seed: int = 0, max_seconds: Optional[float] = None, out_dir=None, device: str = "auto",
-                 progress: bool = False, lr_final: float = 0.05, optimizer: str = "adam") -> dict:
+                 progress: bool = False, lr_final: float = 0.05, optimizer: str = "adam",
+                 odd_decay: float = 1.0) -> dict:
     """Fit ``model`` in place to ``data`` by force-and-torque matching (module docstring); returns the history.
 
     epochs : passes over the training frames; lr : Adam step, decayed by a cosine to lr * lr_final;
@@ -164,6 +170,10 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
     this wall time (the schedule follows time then); out_dir : checkpoint and history folder (resumable).
     optimizer : "adam" (minibatches; neural models) or "lbfgs" (full batch, strong-Wolfe line search, one
     epoch = up to 20 iterations; analytic models with a few parameters, e.g. Gay-Berne, converge tightly).
+    odd_decay : decoupled weight decay (AdamW; each step multiplies the weights by 1 - lr * odd_decay) of the
+    parity-odd (pseudoscalar) channel of ``oriented_neural`` terms (parameters named ``odd.*``): the chiral
+    channel stays near zero unless the data need it (on achiral data it would otherwise absorb noise and make
+    an achiral system look chiral).
     """
     if optimizer not in ("adam", "lbfgs"):
         raise EnpcgError(f"fit_oriented: optimizer must be 'adam' or 'lbfgs'; received {optimizer!r}")
@@ -180,9 +190,13 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
     n_val = max(1, int(round(val_fraction * data.n_frames))) if val_fraction > 0 else 0
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else \
+    odd = [p for n, p in model.named_parameters() if p.requires_grad and (n.startswith("odd.") or ".odd." in n)]
+    rest = [p for p in params if all(p is not q for q in odd)]
+    groups = [{"params": rest, "weight_decay": 0.0}] + ([{"params": odd, "weight_decay": odd_decay}] if odd else [])
+    opt = torch.optim.AdamW(groups, lr=lr) if optimizer == "adam" else \
         torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
-    history = {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": [], "length_scale": l}
+    history = {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": [], "length_scale": l,
+               "val_frames": val_idx.tolist()}
     start_epoch, best, best_state, elapsed0 = 0, math.inf, None, 0.0
     ckpt = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
     if ckpt is not None and ckpt.exists():
@@ -230,7 +244,7 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
                     part = loss_of(idx, True) * (len(idx) / len(perm))
                     part.backward()
                     total = total + float(part.detach())
-                return torch.tensor(total)
+                return torch.tensor(total, dtype=torch.float64)
 
             tot = float(opt.step(closure)) * len(perm)
         for g in opt.param_groups:

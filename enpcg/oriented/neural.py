@@ -10,6 +10,12 @@ its mirror image: p -> -p for directors, the z-mixed frame components for frames
 phi_even(f) = g_e(f) + g_e(P f) is mirror-symmetric, phi_odd(f) = g_o(f) - g_o(P f) changes sign under a
 mirror (g_e, g_o are small MLPs). So ``energy_parts`` tells how much of the energy the chiral (pseudoscalar)
 channel carries: near zero for an achiral system, with a definite sign for a chiral one.
+
+Only (frame, pair) entries with r < cutoff are evaluated (selected without gradient, then recomputed with
+autograd). Options: ``contact`` (a learned orientation-dependent contact distance sigma(f), the Gay–Berne
+inductive bias: the MLPs read a radial basis of the gap h = r - sigma(f) + contact_width and an anisotropic
+LJ core in h is added), ``apolar`` (head-tail symmetric director features, MLPs evaluated once per pair) and
+``switch_distance`` (OpenMM-style quintic switch instead of the polynomial envelope).
 """
 from typing import Optional, Tuple
 
@@ -20,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import EnpcgError
+from ..geometry import minimum_image
 from ..models.base import register_model
 from ..models.radial import polynomial_envelope
 from .base import OrientedModel
@@ -28,7 +35,7 @@ from .pairs import FRAME_PARITY, FRAME_SWAP, FRAME_SWAP_SIGN, director_features,
 
 
 class _MLP(torch.nn.Module):
-    def __init__(self, n_in: int, hidden: int, depth: int):
+    def __init__(self, n_in: int, hidden: int, depth: int, n_out: int = 1):
         super().__init__()
         layers = []
         width = n_in
@@ -36,14 +43,23 @@ class _MLP(torch.nn.Module):
             layers.append(torch.nn.Linear(width, hidden))
             width = hidden
         self.hidden_layers = torch.nn.ModuleList(layers)
-        self.out = torch.nn.Linear(width, 1)
+        self.out = torch.nn.Linear(width, n_out)
+        self.n_out = n_out
         torch.nn.init.zeros_(self.out.weight)
         torch.nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.hidden_layers:
             x = torch.nn.functional.silu(layer(x))
-        return self.out(x).squeeze(-1)
+        x = self.out(x)
+        if self.n_out == 1:
+            return x.squeeze(-1)
+        return x
+
+
+def _smooth_positive(h: Tensor, h_min: float) -> Tensor:
+    """h where h >= h_min, else h_min exp(h / h_min - 1): positive, continuous with a continuous slope."""
+    return torch.where(h >= h_min, h, h_min * torch.exp(torch.clamp(h, max=h_min) / h_min - 1.0))
 
 
 @register_model("oriented_neural")
@@ -54,7 +70,7 @@ class OrientedNeuralModel(OrientedModel):
     ----------
     topology : CGTopology whose beads are all "director" or all "frame" beads
     cutoff : float, nm, centre-centre cutoff (the envelope takes the energy smoothly to zero there)
-    n_rbf : int, radial features sin(n pi r / cutoff), n = 1..n_rbf
+    n_rbf : int, radial features sin(n pi x / cutoff), n = 1..n_rbf, of x = r (or x = h with ``contact``)
     hidden, depth : int, width and number of hidden layers of each MLP
     chiral : bool, include the parity-odd (pseudoscalar) channel
     core_radius : float or None, nm: a repulsive isotropic core softplus(a) (core_radius / r)^12 with a learned
@@ -62,11 +78,24 @@ class OrientedNeuralModel(OrientedModel):
     energy_scale : float, kJ/mol, unit of the networks' output
     periodic : bool, minimum image with the box
     seed : int, weight initialisation seed (the global RNG is untouched)
+    contact : bool, learned orientation-dependent contact distance (the Gay–Berne inductive bias): a small MLP
+        of the parity-even, exchange-symmetrised pair features gives sigma(f) = floor + softplus(.) (nm,
+        floor = contact_init / 2, starts at contact_init) and a log-amplitude modulation; the pair MLPs read
+        the radial basis of the surface gap h = r - sigma(f) + contact_width instead of r, and an anisotropic
+        repulsive core softplus(b + m(f)) (contact_width / h)^12 is added (h kept positive smoothly below
+        contact_width / 10). Default False (the old model).
+    contact_init : float or None, nm, initial contact distance (default core_radius, else 0.5 nm)
+    contact_width : float or None, nm, width s0 of the gap h (default contact_init)
+    contact_hidden : int, width of the contact MLP (one hidden layer)
+    apolar : bool, director beads only: head-tail symmetric features (a^2, b^2, c^2, abc, cp, abp), so the
+        energy is unchanged by u -> -u of either bead. Default False (polar features a, b, c, p).
     """
 
     def __init__(self, topology, cutoff: float = 1.2, n_rbf: int = 8, hidden: int = 32, depth: int = 2,
                  chiral: bool = True, core_radius: Optional[float] = None, energy_scale: float = 1.0,
-                 periodic: bool = True, seed: int = 0):
+                 periodic: bool = True, seed: int = 0, contact: bool = False, contact_init: Optional[float] = None,
+                 contact_width: Optional[float] = None, contact_hidden: int = 16, contact_depth: Optional[float] = None,
+                 contact_lj: bool = True, apolar: bool = False, switch_distance: Optional[float] = None):
         super().__init__(topology)
         kinds = set(topology.orientations)
         if len(kinds) != 1 or kinds.pop() not in ("director", "frame"):
@@ -78,9 +107,30 @@ class OrientedNeuralModel(OrientedModel):
         if cutoff <= 0 or n_rbf < 1 or hidden < 2 or depth < 1 or energy_scale <= 0:
             raise EnpcgError(f"oriented_neural config: cutoff {cutoff} nm (> 0), n_rbf {n_rbf} (>= 1), hidden "
                              f"{hidden} (>= 2), depth {depth} (>= 1), energy_scale {energy_scale} (> 0) out of range")
+        if apolar and not self.director:
+            raise EnpcgError("oriented_neural config: apolar=True needs director beads (frame beads have no "
+                             "head-tail symmetry)")
+        c_init = float(contact_init) if contact_init is not None else \
+            (float(core_radius) if core_radius is not None else 0.5)
+        c_width = float(contact_width) if contact_width is not None else c_init
+        contact_hidden = int(contact_hidden)
+        if contact and (c_init <= 0 or c_width <= 0 or contact_hidden < 2):
+            raise EnpcgError(f"oriented_neural config: contact_init {c_init} nm (> 0), contact_width {c_width} nm "
+                             f"(> 0), contact_hidden {contact_hidden} (>= 2) out of range")
         self.config = {"cutoff": cutoff, "n_rbf": n_rbf, "hidden": hidden, "depth": depth, "chiral": bool(chiral),
                        "core_radius": None if core_radius is None else float(core_radius),
-                       "energy_scale": float(energy_scale), "periodic": bool(periodic), "seed": int(seed)}
+                       "energy_scale": float(energy_scale), "periodic": bool(periodic), "seed": int(seed),
+                       "contact": bool(contact), "contact_init": None if contact_init is None else c_init,
+                       "contact_width": None if contact_width is None else c_width,
+                       "contact_hidden": contact_hidden,
+                       "contact_depth": None if contact_depth is None else float(contact_depth),
+                       "contact_lj": bool(contact_lj), "apolar": bool(apolar),
+                       "switch_distance": None if switch_distance is None else float(switch_distance)}
+        if switch_distance is not None and not 0.0 <= float(switch_distance) < cutoff:
+            raise EnpcgError(f"oriented_neural config: switch_distance {switch_distance} nm must lie in [0, cutoff "
+                             f"{cutoff})")
+        self.use_switch = switch_distance is not None
+        self.switch_distance = float(switch_distance) if switch_distance is not None else 0.0
         self.cutoff = cutoff
         self.n_rbf = n_rbf
         self.chiral = bool(chiral)
@@ -88,12 +138,34 @@ class OrientedNeuralModel(OrientedModel):
         self.energy_scale = float(energy_scale)
         self.use_core = core_radius is not None
         self.core_radius = float(core_radius) if core_radius is not None else 1.0
-        n_feat = 4 if self.director else 15
-        if self.director:
+        self.apolar = bool(apolar)
+        self.contact = bool(contact)
+        self.contact_lj = bool(contact_lj)
+        depth0 = float(contact_depth) if contact_depth is not None else 0.05 * float(energy_scale)
+        if contact and depth0 <= 0:
+            raise EnpcgError(f"oriented_neural config: contact_depth {depth0} kJ/mol (> 0) out of range")
+        # the contact core starts as 4 depth0 x^12 (repulsive) or 4 depth0 (x^12 - x^6) (x = width / h)
+        depth_logit = float(math.log(math.expm1(4.0 * depth0 / float(energy_scale))))
+        self.contact_width = c_width
+        self.contact_floor = 0.5 * c_init
+        # softplus(offset) = contact_init - floor: sigma starts at contact_init (the MLP's output starts at 0)
+        self.contact_offset = float(math.log(math.expm1(c_init - self.contact_floor)))
+        n_out_odd = 1
+        if self.director and self.apolar:
+            # features are already invariant under i <-> j and u -> -u: 7 parity-even ones and 2 pseudoscalars;
+            # the MLPs run once per pair (parity/swap buffers unused)
+            n_feat = 7
+            n_out_odd = 2
+            parity = np.ones(n_feat)
+            swap = list(range(n_feat))
+            swap_sign = np.ones(n_feat)
+        elif self.director:
+            n_feat = 4
             parity = np.array([1.0, 1.0, 1.0, -1.0])
             swap = [1, 0, 2, 3]
             swap_sign = np.array([-1.0, -1.0, 1.0, 1.0])
         else:
+            n_feat = 15
             parity, swap, swap_sign = FRAME_PARITY, FRAME_SWAP, FRAME_SWAP_SIGN
         self.register_buffer("parity", torch.as_tensor(parity, dtype=torch.float64), persistent=False)
         self.register_buffer("swap", torch.as_tensor(swap, dtype=torch.long), persistent=False)
@@ -110,45 +182,112 @@ class OrientedNeuralModel(OrientedModel):
             self.pair_type_embedding = torch.nn.Embedding(n_pt, n_rbf)
             torch.nn.init.zeros_(self.pair_type_embedding.weight)
             self.even = _MLP(n_rbf + n_feat, hidden, depth)
-            self.odd = _MLP(n_rbf + n_feat, hidden, depth)
+            self.odd = _MLP(n_rbf + n_feat, hidden, depth, n_out_odd)
             self.core_logit = torch.nn.Parameter(torch.full((n_pt,), -3.0))
+            if self.contact:
+                # outputs: (contact distance, log-amplitude modulation of the anisotropic core)
+                self.contact_net = _MLP(n_feat, contact_hidden, 1, 2)
+                self.contact_type = torch.nn.Embedding(n_pt, 2)
+                torch.nn.init.zeros_(self.contact_type.weight)
+                self.contact_logit = torch.nn.Parameter(torch.full((n_pt,), depth_logit))
+            else:
+                # placeholders without weights (TorchScript needs the attributes; the state dict stays the old one)
+                self.contact_net = torch.nn.Identity()
+                self.contact_type = torch.nn.Identity()
+                self.register_buffer("contact_logit", torch.zeros(n_pt), persistent=False)
 
-    def _features(self, positions: Tensor, axes: Tensor, box: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-        """Centre distances r (B, P) nm, radial inputs (B, P, n_rbf) and ordered-pair features (B, P, n_feat)."""
-        d = pair_displacements(positions, self.pairs, box if self.periodic else None)
+    def _pairs_within(self, positions: Tensor, box: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """(frame, pair) entries with r < cutoff, selected without gradient: frame (K,), pair index (K,) and
+        their minimum-image vectors R_j - R_i (K, 3) nm, recomputed with autograd."""
+        b = box if self.periodic else None
+        with torch.no_grad():
+            r_all = torch.linalg.norm(pair_displacements(positions, self.pairs, b), dim=-1)
+            sel = torch.nonzero(r_all < self.cutoff)
+        frame = sel[:, 0]
+        pidx = sel[:, 1]
+        i = self.pairs[pidx, 0]
+        j = self.pairs[pidx, 1]
+        d = (positions[frame, j] - positions[frame, i]).unsqueeze(1)
+        if b is not None:
+            d = minimum_image(d, b.index_select(0, frame))
+        return frame, pidx, d.squeeze(1)
+
+    def _pair_features(self, d: Tensor, qi: Tensor, qj: Tensor) -> Tuple[Tensor, Tensor]:
+        """Centre distances r (K,) nm and ordered-pair features (K, n_feat)."""
         r = torch.linalg.norm(d, dim=-1)
         r_hat = d / r.unsqueeze(-1)
-        qi = axes[:, self.pairs[:, 0]]
-        qj = axes[:, self.pairs[:, 1]]
         if self.director:
-            f = torch.stack(director_features(r_hat, qi[..., 0], qj[..., 0]), dim=-1)
+            ft = director_features(r_hat, qi[..., 0], qj[..., 0])
+            if self.apolar:
+                # head-tail and exchange invariants: a^2 + b^2, a^2 b^2, c^2, abc (even), cp, abp (odd) and the
+                # even products of the odd ones; the last two columns are the pseudoscalars cp, abp
+                a, b, c, p = ft[0], ft[1], ft[2], ft[3]
+                a2, b2, cp, abp = a * a, b * b, c * p, a * b * p
+                f = torch.stack([a2 + b2, a2 * b2, c * c, a * b * c, cp * cp, cp * abp, abp * abp, cp, abp], dim=-1)
+            else:
+                f = torch.stack(ft, dim=-1)
         else:
             f = frame_features(r_hat, qi, qj)
-        freqs = torch.arange(1, self.n_rbf + 1, dtype=r.dtype, device=r.device) * (math.pi / self.cutoff)
-        radial = torch.sin(r.unsqueeze(-1) * freqs) + self.pair_type_embedding(self.pair_type).to(r.dtype)
-        return r, radial, f
+        return r, f
 
     @torch.jit.export
     def batch_energy_parts(self, positions: Tensor, axes: Tensor, box: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(even, odd) energies (B,) kJ/mol: the mirror-symmetric part and the pseudoscalar (chiral) part."""
-        r, radial, f = self._features(positions, axes, box)
+        frame, pidx, d = self._pairs_within(positions, box)
+        qi = axes[frame, self.pairs[pidx, 0]]
+        qj = axes[frame, self.pairs[pidx, 1]]
+        r, f = self._pair_features(d, qi, qj)
+        pt = self.pair_type[pidx]
+        pseudo = f
+        if self.apolar:
+            pseudo = f[:, 7:]
+            f = f[:, :7]
         parity = self.parity.to(f.dtype)
-        f_swap = f.index_select(2, self.swap) * self.swap_sign.to(f.dtype)
-        env = polynomial_envelope(r, self.cutoff)
-        even = torch.zeros_like(r)
+        f_swap = f.index_select(1, self.swap) * self.swap_sign.to(f.dtype)
+        variants = [f] if self.apolar else [f, f * parity, f_swap, f_swap * parity]
+        weight = 1.0 / len(variants)
+        x = r
+        core = torch.zeros_like(r)
+        if self.contact:
+            c = self.contact_type(pt).to(r.dtype)
+            for g in variants:
+                c = c + weight * self.contact_net(g)
+            sigma = self.contact_floor + torch.nn.functional.softplus(c[:, 0] + self.contact_offset)
+            h = r - sigma + self.contact_width
+            hc = _smooth_positive(h, 0.1 * self.contact_width)
+            amp = torch.nn.functional.softplus(self.contact_logit[pt].to(r.dtype) + c[:, 1])
+            x6 = torch.pow(self.contact_width / hc, 6.0)
+            core = core + amp * (x6 * x6 - x6) if self.contact_lj else core + amp * x6 * x6
+            x = h
+        freqs = torch.arange(1, self.n_rbf + 1, dtype=r.dtype, device=r.device) * (math.pi / self.cutoff)
+        radial = torch.sin(x.unsqueeze(-1) * freqs) + self.pair_type_embedding(pt).to(r.dtype)
+        if self.use_switch:
+            xs = torch.clamp((r - self.switch_distance) / (self.cutoff - self.switch_distance), 0.0, 1.0)
+            env = 1.0 + xs * xs * xs * (-10.0 + xs * (15.0 - 6.0 * xs))
+        else:
+            env = polynomial_envelope(r, self.cutoff)
+        even = core
         odd = torch.zeros_like(r)
-        for g in [f, f_swap]:
-            x = torch.cat([radial, g], dim=-1)
-            xp = torch.cat([radial, g * parity], dim=-1)
-            even = even + self.even(x) + self.even(xp)
+        if self.apolar:
+            xa = torch.cat([radial, f], dim=-1)
+            even = even + self.even(xa)
             if self.chiral:
-                odd = odd + self.odd(x) - self.odd(xp)
+                odd = odd + (self.odd(xa) * pseudo).sum(-1)
+        for k in range(len(variants) // 2):
+            g = variants[2 * k]
+            gp = variants[2 * k + 1]
+            xa = torch.cat([radial, g], dim=-1)
+            xp = torch.cat([radial, gp], dim=-1)
+            even = even + self.even(xa) + self.even(xp)
+            if self.chiral:
+                odd = odd + self.odd(xa) - self.odd(xp)
         if self.use_core:
-            amp = torch.nn.functional.softplus(self.core_logit[self.pair_type]).to(r.dtype)
-            even = even + amp * torch.pow(self.core_radius / r, 12.0)
-        inside = (r < self.cutoff).to(r.dtype)
-        even = (even * env * inside).sum(-1) * self.energy_scale
-        odd = (odd * env * inside).sum(-1) * self.energy_scale
+            amp0 = torch.nn.functional.softplus(self.core_logit[pt]).to(r.dtype)
+            even = even + amp0 * torch.pow(self.core_radius / r, 12.0)
+        n_frames = positions.shape[0]
+        zero = torch.zeros(n_frames, dtype=positions.dtype, device=positions.device)
+        even = zero.index_add(0, frame, even * env) * self.energy_scale
+        odd = zero.index_add(0, frame, odd * env) * self.energy_scale
         return even, odd
 
     @torch.jit.export

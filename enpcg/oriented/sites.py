@@ -57,8 +57,9 @@ class RigidSitesModel(OrientedModel):
         self.use_switch = switch_distance is not None
         self.switch_distance = float(switch_distance) if switch_distance is not None else float(cutoff)
         self.periodic = bool(periodic)
-        values = {"sites": torch.as_tensor(p), "log_sigma": torch.tensor(float(np.log(sigma))),
-                  "log_epsilon": torch.tensor(float(np.log(epsilon)))}
+        values = {"sites": torch.as_tensor(p, dtype=torch.float64),
+                  "log_sigma": torch.tensor(float(np.log(sigma)), dtype=torch.float64),
+                  "log_epsilon": torch.tensor(float(np.log(epsilon)), dtype=torch.float64)}
         trainable = {"sites": "sites" in fit, "log_sigma": "sigma" in fit, "log_epsilon": "epsilon" in fit}
         for name, value in values.items():
             if trainable[name]:
@@ -107,7 +108,7 @@ class RigidSitesModel(OrientedModel):
 
     @torch.jit.unused
     def physical_parameters(self) -> dict:
-        return {"sigma": float(torch.exp(self.log_sigma)), "epsilon": float(torch.exp(self.log_epsilon)),
+        return {"sigma": float(torch.exp(self.log_sigma).detach()), "epsilon": float(torch.exp(self.log_epsilon).detach()),
                 "sites": self.sites.detach().cpu().numpy().tolist()}
 
 
