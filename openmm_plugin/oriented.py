@@ -194,7 +194,6 @@ class OrientedSystem:
         """Bead forces sum_s f_s (n, 3) kJ/mol/nm and torques sum_s (r_s - R) x f_s (n, 3) kJ/mol."""
         x = np.asarray(positions, dtype=np.float64)
         f = np.asarray(forces, dtype=np.float64)
-        centre, _ = self.beads(x, box)
         s = x[self.site_index]
         d = s - s[:, :1]
         if box is not None:
@@ -207,10 +206,17 @@ class OrientedSystem:
     def rotational_kinetic_energy(self, velocities) -> np.ndarray:
         """K_rot (n,) kJ/mol of each bead: 1/2 sum_s m_s |v_s - V|^2 with V the bead's centre-of-mass velocity."""
         v = np.asarray(velocities, dtype=np.float64)[self.site_index]
-        m = np.array([[self.system.getParticleMass(int(p)).value_in_unit(unit.dalton) for p in row]
-                      for row in self.site_index])
+        m = self.site_masses
         vc = (m[..., None] * v).sum(1) / m.sum(1)[:, None]
         return 0.5 * (m * ((v - vc[:, None]) ** 2).sum(-1)).sum(-1)
+
+    @property
+    def site_masses(self) -> np.ndarray:
+        """(n, k) amu, the masses of each bead's sites."""
+        if getattr(self, "_site_masses", None) is None:
+            self._site_masses = np.array([[self.system.getParticleMass(int(p)).value_in_unit(unit.dalton)
+                                           for p in row] for row in self.site_index])
+        return self._site_masses
 
     @property
     def rotational_dof(self) -> int:

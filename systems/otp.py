@@ -42,6 +42,7 @@ import openmm as mm
 from openmm import app, unit
 
 from enpcg.errors import EnpcgError
+from enpcg.oriented.frames import random_rotations
 from systems.polyethylene import (AMU_NM3_TO_G_CM3, KB, PolymerSystem, _chain_id, density_g_cm3,
                                   wrap_chains)
 
@@ -147,18 +148,6 @@ def create_system(n_molecules, box_length):
 
 
 # --------------------------------------------------------------------------------------------- packing
-def random_rotations(n, rng) -> np.ndarray:
-    """(n, 3, 3) rotation matrices uniform on SO(3) (normalised Gaussian quaternions), from ``rng``."""
-    q = rng.normal(size=(n, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    w, x, y, z = q.T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], axis=1)
-
-
 def pack_on_lattice(templates, box_length, rng, *, tries=32) -> np.ndarray:
     """Molecules on a simple cubic lattice in a cubic periodic box, each randomly rotated.
 
