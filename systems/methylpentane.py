@@ -46,9 +46,9 @@ import openmm as mm
 from openmm import app
 
 from enpcg.errors import EnpcgError
-from systems.otp import _check_count, _check_positive, _cubic_box, equilibrate, pack_on_lattice
+from systems.otp import _check_box, _check_count, _check_positive, equilibrate, pack_on_lattice
 from systems.polyethylene import (AMU_NM3_TO_G_CM3, BOND_K, KB, PolymerSystem, _chain_id, _place,
-                                  density_g_cm3)
+                                  density_g_cm3, lj_nonbonded, set_cubic_box, trappe_bonded_forces)
 
 SITES = {  # name: (mass amu, epsilon kJ/mol, sigma nm)
     "CH3": (15.035, 98.0 * KB, 0.375),
@@ -91,23 +91,12 @@ def create_system(n_molecules, box_length):
     HarmonicAngleForce, PeriodicTorsionForce, NonbondedForce (LJ, dispersion correction) and CMMotionRemover.
     """
     n = _check_count(n_molecules)
-    L = _check_positive("box_length", box_length, "nm")
-    if CUTOFF > 0.5 * L:
-        raise EnpcgError(f"box_length {L:.4f} nm is less than twice the {CUTOFF} nm cutoff. Fix: use a box of at "
-                         f"least {2 * CUTOFF} nm (at least 42 molecules at {DEFAULT_DENSITY} g/cm^3)")
+    L = _check_box(box_length, CUTOFF, f"at least 42 molecules at {DEFAULT_DENSITY} g/cm^3")
     system = mm.System()
     top = app.Topology()
     carbon = app.Element.getBySymbol("C")
-    nb = mm.NonbondedForce()
-    nb.setNonbondedMethod(mm.NonbondedForce.CutoffPeriodic)
-    nb.setCutoffDistance(CUTOFF)
-    nb.setUseSwitchingFunction(False)  # TraPPE: plain truncation plus analytic tail correction
-    nb.setUseDispersionCorrection(True)
-    bonds = mm.HarmonicBondForce()
-    angles = mm.HarmonicAngleForce()
-    torsions = mm.PeriodicTorsionForce()
-    c = [ck * KB for ck in TORSION_C_K]  # kJ/mol; c0 is a constant and dropped
-    torsion_terms = ((1, 0.0, c[1]), (2, math.pi, c[2]), (3, 0.0, c[3]))
+    nb = lj_nonbonded(CUTOFF)  # TraPPE: plain truncation plus analytic tail correction
+    bonds, angles, torsions, torsion_terms = trappe_bonded_forces(TORSION_C_K)
     bond_pairs = []
     for m in range(n):
         chain = top.addChain(id=_chain_id(m))
@@ -133,7 +122,7 @@ def create_system(n_molecules, box_length):
     for force in (nb, bonds, angles, torsions):
         system.addForce(force)
     system.addForce(mm.CMMotionRemover())
-    _cubic_box(top, system, L)
+    set_cubic_box(system, top, L)
     return system, top
 
 

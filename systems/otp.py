@@ -43,7 +43,8 @@ from openmm import app, unit
 
 from enpcg.errors import EnpcgError
 from enpcg.oriented.frames import random_rotations
-from systems.polyethylene import (AMU_NM3_TO_G_CM3, KB, PolymerSystem, _chain_id, density_g_cm3,
+from systems.polyethylene import (AMU_NM3_TO_G_CM3, KB, PolymerSystem, _chain_id, density_g_cm3, lj_nonbonded,
+                                  set_cubic_box,
                                   wrap_chains)
 
 SIGMA = 0.483                       # nm, LJ sigma of every site
@@ -98,10 +99,13 @@ def box_length_for_density(n_molecules, density) -> float:
     return (n * MOLECULE_MASS * AMU_NM3_TO_G_CM3 / rho) ** (1.0 / 3.0)
 
 
-def _cubic_box(top, system, box_length):
-    vecs = [mm.Vec3(box_length, 0, 0), mm.Vec3(0, box_length, 0), mm.Vec3(0, 0, box_length)]
-    system.setDefaultPeriodicBoxVectors(*vecs)
-    top.setPeriodicBoxVectors(vecs * unit.nanometer)
+def _check_box(box_length, cutoff, hint):
+    """box_length (nm) > 0 and at least twice the cutoff (nm); ``hint`` says how many molecules that takes."""
+    L = _check_positive("box_length", box_length, "nm")
+    if cutoff > 0.5 * L:
+        raise EnpcgError(f"box_length {L:.4f} nm is less than twice the {cutoff} nm cutoff. Fix: use a box of at "
+                         f"least {2 * cutoff} nm ({hint})")
+    return L
 
 
 def create_system(n_molecules, box_length):
@@ -112,19 +116,11 @@ def create_system(n_molecules, box_length):
     NonbondedForce (LJ only, switched 1.1 -> 1.2 nm, no dispersion correction) and a CMMotionRemover.
     """
     n = _check_count(n_molecules)
-    L = _check_positive("box_length", box_length, "nm")
-    if CUTOFF > 0.5 * L:
-        raise EnpcgError(f"box_length {L:.4f} nm is less than twice the {CUTOFF} nm cutoff. Fix: use a box of at "
-                         f"least {2 * CUTOFF} nm (at least 40 molecules at 1.09 g/cm^3)")
+    L = _check_box(box_length, CUTOFF, "at least 40 molecules at 1.09 g/cm^3")
     system = mm.System()
     top = app.Topology()
     carbon = app.Element.getBySymbol("C")
-    nb = mm.NonbondedForce()
-    nb.setNonbondedMethod(mm.NonbondedForce.CutoffPeriodic)
-    nb.setCutoffDistance(CUTOFF)
-    nb.setUseSwitchingFunction(True)
-    nb.setSwitchingDistance(SWITCH_DISTANCE)
-    nb.setUseDispersionCorrection(False)
+    nb = lj_nonbonded(CUTOFF, switch_distance=SWITCH_DISTANCE, dispersion_correction=False)
     for m in range(n):
         chain = top.addChain(id=_chain_id(m))
         res = top.addResidue("OTP", chain, id=str(m + 1))
@@ -143,7 +139,7 @@ def create_system(n_molecules, box_length):
             nb.addException(first + i, first + j, 0.0, 1.0, 0.0)
     system.addForce(nb)
     system.addForce(mm.CMMotionRemover())
-    _cubic_box(top, system, L)
+    set_cubic_box(system, top, L)
     return system, top
 
 

@@ -115,6 +115,35 @@ def box_length_for_density(n_chains, chain_length, density) -> float:
 
 
 # --------------------------------------------------------------------------------------------- the System
+def lj_nonbonded(cutoff, *, switch_distance=None, dispersion_correction=True) -> mm.NonbondedForce:
+    """Periodic Lennard-Jones NonbondedForce (no charges): cut at ``cutoff`` nm, OpenMM's switching function
+    from ``switch_distance`` nm when given (else plain truncation), with or without the analytic long-range
+    dispersion correction. Shared by the reference systems (polyethylene, 3-methylpentane, ortho-terphenyl)."""
+    nb = mm.NonbondedForce()
+    nb.setNonbondedMethod(mm.NonbondedForce.CutoffPeriodic)
+    nb.setCutoffDistance(cutoff)
+    nb.setUseSwitchingFunction(switch_distance is not None)
+    if switch_distance is not None:
+        nb.setSwitchingDistance(switch_distance)
+    nb.setUseDispersionCorrection(bool(dispersion_correction))
+    return nb
+
+
+def trappe_bonded_forces(torsion_c_k):
+    """Empty HarmonicBondForce, HarmonicAngleForce and PeriodicTorsionForce, and the PeriodicTorsionForce
+    terms (n, phase rad, k kJ/mol) of the OPLS series c0..c3 ``torsion_c_k`` (K): c0 is a constant and dropped."""
+    c = [ck * KB for ck in torsion_c_k]
+    terms = ((1, 0.0, c[1]), (2, math.pi, c[2]), (3, 0.0, c[3]))
+    return mm.HarmonicBondForce(), mm.HarmonicAngleForce(), mm.PeriodicTorsionForce(), terms
+
+
+def set_cubic_box(system, topology, box_length):
+    """Cubic periodic box of edge ``box_length`` nm on both the System and the Topology."""
+    vecs = [mm.Vec3(box_length, 0, 0), mm.Vec3(0, box_length, 0), mm.Vec3(0, 0, box_length)]
+    system.setDefaultPeriodicBoxVectors(*vecs)
+    topology.setPeriodicBoxVectors(vecs * unit.nanometer)
+
+
 def create_system(n_chains, chain_length, box_length, *, cutoff=DEFAULT_CUTOFF):
     """TraPPE-UA polyethylene with flexible bonds in a cubic box.
 
@@ -129,16 +158,8 @@ def create_system(n_chains, chain_length, box_length, *, cutoff=DEFAULT_CUTOFF):
     system = mm.System()
     top = app.Topology()
     carbon = app.Element.getBySymbol("C")
-    nb = mm.NonbondedForce()
-    nb.setNonbondedMethod(mm.NonbondedForce.CutoffPeriodic)
-    nb.setCutoffDistance(cutoff)
-    nb.setUseDispersionCorrection(True)
-    nb.setUseSwitchingFunction(False)  # TraPPE: plain truncation plus analytic tail correction
-    bonds = mm.HarmonicBondForce()
-    angles = mm.HarmonicAngleForce()
-    torsions = mm.PeriodicTorsionForce()
-    c = [ck * KB for ck in TORSION_C_K]  # kJ/mol; c0 is a constant and dropped
-    torsion_terms = ((1, 0.0, c[1]), (2, math.pi, c[2]), (3, 0.0, c[3]))
+    nb = lj_nonbonded(cutoff)  # TraPPE: plain truncation plus analytic tail correction
+    bonds, angles, torsions, torsion_terms = trappe_bonded_forces(TORSION_C_K)
     bond_pairs = []
     for ic in range(n_chains):
         chain = top.addChain(id=_chain_id(ic))
@@ -167,9 +188,7 @@ def create_system(n_chains, chain_length, box_length, *, cutoff=DEFAULT_CUTOFF):
     for force in (nb, bonds, angles, torsions):
         system.addForce(force)
     system.addForce(mm.CMMotionRemover())
-    vecs = [mm.Vec3(box_length, 0, 0), mm.Vec3(0, box_length, 0), mm.Vec3(0, 0, box_length)]
-    system.setDefaultPeriodicBoxVectors(*vecs)
-    top.setPeriodicBoxVectors(vecs * unit.nanometer)
+    set_cubic_box(system, top, box_length)
     return system, top
 
 
