@@ -21,6 +21,8 @@ DESCRIPTIONS = {
     "fit": "Fit a CG model (priors by Boltzmann inversion, MS-CG splines, or a neural model) by force matching.",
     "train": "Train the equivariant atomistic potential on atomistic H5MD energies and forces.",
     "export": "Export a fitted model as an OpenMM System (TorchForce, PythonForce or native tabulated forces).",
+    "calibrate": "Fit CG dynamics to mapped atomistic time: a Langevin friction per bead type (or a time "
+                 "scale) from diffusion coefficients.",
     "simulate": "Run a CG simulation in OpenMM (Langevin, DCD trajectory, CSV log).",
     "analyze": "Compare CG trajectories with the mapped reference: distributions, RDFs, report and plots.",
     "demo": "Run every stage on the bundled polyethylene melt into one output folder.",

@@ -1,7 +1,7 @@
 """Stage configuration: defaults, YAML files and command-line overrides.
 
-Each stage of the pipeline (``build``, ``sample``, ``map``, ``fit``, ``train``, ``export``, ``simulate``,
-``analyze``, ``demo``) has a flat table of options with defaults (:data:`STAGES`). A stage's configuration is
+Each stage of the pipeline (``build``, ``sample``, ``map``, ``fit``, ``train``, ``export``, ``calibrate``,
+``simulate``, ``analyze``, ``demo``) has a flat table of options with defaults (:data:`STAGES`). A stage's configuration is
 resolved as defaults < YAML file < command-line options; unknown keys are rejected with the list of allowed
 ones, and the resolved configuration is written beside the stage's outputs (``<stage>.yaml``).
 
@@ -113,6 +113,27 @@ STAGES = {
         "pdb": _opt("out/cg/cg.pdb", "CG structure whose box sets the periodic box"),
         "out": _opt("out/export", "output folder: system.xml, cg.pdb"),
     },
+    "calibrate": {
+        "model": _opt("out/model", "model folder"),
+        "backend": _opt("torch", "force backend", choices=["torch", "python", "native"]),
+        "pdb": _opt("out/cg/cg.pdb", "starting CG structure (PDB with box)"),
+        "reference": _opt("out/cg/cg.h5", "mapped atomistic H5MD with times (the dynamics to match); frames "
+                          "close enough in time to unwrap"),
+        "topology": _opt("out/cg/cg_topology.json", "CG topology JSON (bead types)"),
+        "out": _opt("out/dynamics", "output folder: dynamics.json, diffusion.png"),
+        "mode": _opt("friction", "fit a Langevin friction per bead type, or one time-scaling factor",
+                     choices=["friction", "time_scale"]),
+        "temperature": _opt(450.0, "temperature of the reference, K"),
+        "timestep": _opt(0.01, "CG time step, ps"),
+        "friction": _opt(1.0, "Langevin friction of the first CG run (the raw speed-up is measured there; "
+                         "kept in time_scale mode), 1/ps"),
+        "time_ps": _opt(50.0, "length of each CG run, ps"),
+        "report_ps": _opt(0.1, "interval of the CG positions used for the MSD, ps"),
+        "tolerance": _opt(0.05, "stop when every bead type's D is within this fraction of the reference"),
+        "max_runs": _opt(6, "the most CG runs of the friction fit"),
+        "platform": _opt("auto", "OpenMM platform: auto, Reference, CPU, CUDA, OpenCL"),
+        "seed": _opt(0, "random seed"),
+    },
     "simulate": {
         "model": _opt("out/model", "model folder"),
         "backend": _opt("torch", "force backend", choices=["torch", "python", "native"]),
@@ -122,6 +143,8 @@ STAGES = {
         "timestep": _opt(0.01, "time step, ps"),
         "temperature": _opt(450.0, "temperature, K"),
         "friction": _opt(1.0, "Langevin friction, 1/ps"),
+        "dynamics": _opt("", "dynamics.json from `enpcg calibrate`: its per-type frictions replace --friction "
+                         "and its time scale adds mapped atomistic time to the log ('' = none)"),
         "report_ps": _opt(1.0, "trajectory and log interval, ps"),
         "platform": _opt("auto", "OpenMM platform: auto, Reference, CPU, CUDA, OpenCL"),
         "seed": _opt(0, "random seed"),

@@ -301,10 +301,123 @@ def _read_pdb(pdb):
     return np.array(f.getPositions(asNumpy=True).value_in_unit(unit.nanometer)), box
 
 
+# ----------------------------------------------------------------------------------------------- calibrate
+def reference_diffusion(frames, topology) -> dict:
+    """Diffusion coefficient per bead type of a mapped atomistic trajectory.
+
+    frames : :class:`enpcg.h5md.Frames` with times (ps) and, when periodic, boxes (nm); consecutive frames must
+        be close enough to unwrap (no bead moves half a box). topology : CGTopology (bead types).
+    Returns {bead type: (D nm^2/ps, standard error nm^2/ps)}, centre-of-mass drift removed.
+    """
+    from .analysis import trajectory_from_arrays
+    from .dynamics import diffusion_coefficient, mean_squared_displacement
+
+    if not np.all(np.isfinite(frames.time)) or frames.positions.shape[0] < 10:
+        raise EnpcgError("the reference needs at least 10 frames with times to give a diffusion coefficient. "
+                         "Fix: map an atomistic trajectory sampled at regular times")
+    traj = trajectory_from_arrays(frames.positions, frames.box, topology, time=frames.time)
+    types = np.asarray(topology.bead_types)
+    out = {}
+    for t in topology.type_names():
+        lag, msd = mean_squared_displacement(traj, np.flatnonzero(types == t), masses=topology.masses,
+                                             progress=False)
+        try:
+            fit = diffusion_coefficient(lag, msd)
+        except EnpcgError as e:
+            import warnings
+
+            warnings.warn(f"bead type {t!r}: {e}; fitting lags from a quarter to half the longest instead (a "
+                          "lower bound of the long-time D in a sub-diffusive regime)", stacklevel=2)
+            fit = diffusion_coefficient(lag, msd, t_min=lag[-1] / 4, t_max=lag[-1] / 2)
+        out[t] = (float(fit["D"]), float(fit["stderr"]))
+    return out
+
+
+def run_calibrate(model, backend, pdb, reference, topology, out, mode, temperature, timestep, friction, time_ps,
+                  report_ps, tolerance, max_runs, platform, seed):
+    """Fit CG dynamics to the mapped atomistic diffusion: ``out/dynamics.json`` and ``out/diffusion.png``.
+
+    ``mode`` "friction": a Langevin friction per bead type (1/ps) fitted so the CG D of each type equals the
+    mapped one (:func:`openmm_plugin.cg_dynamics.fit_friction`); "time_scale": one factor s, mapped time =
+    s x CG time, at the fixed ``friction``. Each CG run lasts ``time_ps`` (plus a fifth of it to equilibrate).
+    """
+    from openmm_plugin.cg_dynamics import calibrate_time_scale, fit_friction
+    from openmm_plugin.system import CGPotential
+
+    from .h5md import read_h5md
+    from .topology import CGTopology
+
+    top = CGTopology.load_json(topology)
+    frames = read_h5md(reference, require_forces=False)
+    if frames.positions.shape[1] != top.n_beads:
+        raise EnpcgError(f"{reference}: {frames.positions.shape[1]} beads but {topology} has {top.n_beads}. "
+                         "Fix: pass the mapped H5MD of the same mapping")
+    ref = reference_diffusion(frames, top)
+    target = {t: d for t, (d, _) in ref.items()}
+    pot = CGPotential(model)
+    pos, box = _read_pdb(pdb)
+    system = pot.create_system(pot.topology, box=box, backend=backend)
+    types = np.asarray(pot.topology.bead_types)
+    groups = {t: np.flatnonzero(types == t) for t in pot.topology.type_names()}
+    if set(groups) != set(target):
+        raise EnpcgError(f"{model}: bead types {sorted(groups)} differ from the reference's {sorted(target)}")
+    report = max(1, int(round(report_ps / timestep)))
+    steps = max(report * 20, int(round(time_ps / timestep)))
+    kw = dict(temperature=temperature, timestep=timestep, steps=steps, record_interval=report,
+              equilibration_steps=steps // 5, platform=None if platform == "auto" else platform, seed=seed)
+    if mode == "friction":
+        cal = fit_friction(system, pos, box, groups, target, initial_friction=friction, rel_tol=tolerance,
+                           max_iter=max_runs, **kw)
+    else:
+        cal = calibrate_time_scale(system, pos, box, groups, target, friction=friction, **kw)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cal.save(out / "dynamics.json")
+    _plot_calibration(cal, out / "diffusion.png")
+    print("reference D (nm^2/ps): " + ", ".join(f"{t} {d:.4g} +- {e:.1g}" for t, (d, e) in ref.items()))
+    print("raw CG speed-up at friction {:g}/ps: ".format(friction)
+          + ", ".join(f"{t} {v:.2f}x" for t, v in cal.raw_speed_up.items()))
+    if mode == "friction":
+        print("fitted frictions (1/ps): " + ", ".join(f"{t} {g:.4g}" for t, g in cal.frictions.items()))
+    else:
+        print(f"time scale: 1 ps of CG time = {cal.time_scale:.4g} ps of mapped atomistic time")
+    return {"dynamics": out / "dynamics.json", "plot": out / "diffusion.png"}
+
+
+def _plot_calibration(cal, path):
+    """CG diffusion coefficient of each run against its friction, with the mapped atomistic target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for k, (t, target) in enumerate(sorted(cal.target_diffusion.items())):
+        g = [run["frictions"][t] for run in cal.history]
+        d = [run["diffusion"][t] for run in cal.history]
+        e = [run["stderr"][t] for run in cal.history]
+        ax.errorbar(g, d, yerr=e, marker="o", ls="-", color=f"C{k}", label=f"CG {t}")
+        ax.axhline(target, color=f"C{k}", ls="--", label=f"mapped atomistic {t}")
+    ax.set_xlabel("Langevin friction (1/ps)")
+    ax.set_ylabel("D (nm$^2$/ps)")
+    ax.set_title(f"{cal.mode} calibration at {cal.temperature:g} K", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------ simulate
 def run_simulate(model, backend, pdb, out, time_ps, timestep, temperature, friction, report_ps, platform, seed,
-                 positions=None):
-    """CG Langevin simulation of a fitted model: ``out/trajectory.dcd``, ``out/log.csv``, ``out/final.xml``."""
+                 positions=None, dynamics=""):
+    """CG Langevin simulation of a fitted model: ``out/trajectory.dcd``, ``out/log.csv``, ``out/final.xml``.
+
+    ``dynamics``: a ``dynamics.json`` from :func:`run_calibrate`; its per-bead-type frictions (1/ps) replace
+    ``friction`` and its time scale adds the column "Mapped time (ps)" to the log.
+    """
     from openmm_plugin.simulate import run_simulation
     from openmm_plugin.system import CGPotential
 
@@ -314,9 +427,21 @@ def run_simulate(model, backend, pdb, out, time_ps, timestep, temperature, frict
     system = pot.create_system(pot.topology, box=box, backend=backend)
     steps = int(round(time_ps / timestep))
     report = max(1, int(round(report_ps / timestep)))
+    time_scale = 1.0
+    if dynamics:
+        from openmm_plugin.cg_dynamics import DynamicsCalibration
+
+        cal = DynamicsCalibration.load(dynamics)
+        if abs(cal.temperature - temperature) > 1e-6 * temperature:
+            import warnings
+
+            warnings.warn(f"{dynamics}: calibrated at {cal.temperature} K but this run is at {temperature} K; "
+                          "the friction is applied as is (CG speed-ups change with temperature)", stacklevel=2)
+        friction = cal.particle_frictions(pot.topology.bead_types)
+        time_scale = cal.time_scale
     res = run_simulation(system, pot.topology.to_openmm_topology(box), pos, box, out, steps=steps,
                          timestep=timestep, temperature=temperature, friction=friction, report_interval=report,
-                         platform=None if platform == "auto" else platform, seed=seed)
+                         platform=None if platform == "auto" else platform, seed=seed, time_scale=time_scale)
     pot.topology.write_pdb(Path(out) / "cg.pdb", pos, box)
     return res
 

@@ -27,6 +27,7 @@ from enpcg.errors import EnpcgError
 from enpcg.fileio import atomic_path
 
 from .sampling import best_platform, openmm_seed, platform_properties
+from .integrators import attach, langevin_integrator
 
 
 class _ProgressReporter:
@@ -98,10 +99,20 @@ def _platform(platform, precision):
     return plat, props
 
 
+def _add_mapped_time(path, time_scale):
+    """Append the column "Mapped time (ps)" = time_scale x "Time (ps)" to an OpenMM CSV log."""
+    lines = Path(path).read_text().splitlines()
+    header = lines[0].split(",")
+    col = next(i for i, h in enumerate(header) if h.strip('#"') == "Time (ps)")
+    out = [lines[0] + ',"Mapped time (ps)"']
+    out += [f"{line},{time_scale * float(line.split(',')[col]):.6g}" for line in lines[1:] if line]
+    Path(path).write_text("\n".join(out) + "\n")
+
+
 def run_simulation(system: openmm.System, topology: app.Topology, positions, box, out_dir, *, steps: int,
-                   timestep: float = 0.005, temperature: float = 450.0, friction: float = 1.0,
+                   timestep: float = 0.005, temperature: float = 450.0, friction=1.0,
                    report_interval: Optional[int] = None, platform=None, seed: int = 0, minimize: bool = True,
-                   progress: bool = True, precision: Optional[str] = None) -> dict:
+                   progress: bool = True, precision: Optional[str] = None, time_scale: float = 1.0) -> dict:
     """Langevin dynamics (LangevinMiddleIntegrator) of ``system``, writing DCD, CSV log and final state.
 
     Parameters
@@ -115,7 +126,8 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
     steps : int, number of MD steps
     timestep : float, ps
     temperature : float, K (thermostat and initial velocities)
-    friction : float, 1/ps
+    friction : float, 1/ps, or one value per particle (1/ps; a friction per bead type fitted by
+        :func:`openmm_plugin.cg_dynamics.fit_friction`, expanded with ``DynamicsCalibration.particle_frictions``)
     report_interval : int, steps between DCD frames and log lines (default: steps // 100, at least 1)
     platform : str | openmm.Platform | None, None picks the fastest usable (CUDA > ... > CPU > Reference)
     seed : int, seeds the integrator and the initial velocities (reproducible; OpenMM's own 0 = random is
@@ -123,6 +135,8 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
     minimize : bool, minimise the energy (L-BFGS, at most 1000 iterations) before dynamics
     progress : bool, show a tqdm progress bar
     precision : "single" | "mixed" | "double" | None, for platforms that have a Precision property
+    time_scale : float, mapped atomistic time per CG time (``DynamicsCalibration.time_scale``); when not 1 the
+        log gets a column "Mapped time (ps)" = time_scale x CG time
 
     Returns
     -------
@@ -138,7 +152,7 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
     if not isinstance(report_interval, (int, np.integer)) or report_interval < 1:
         raise EnpcgError(f"report_interval must be a positive integer (steps); you supplied {report_interval!r}")
     report_interval = int(report_interval)
-    for name, value in (("timestep", timestep), ("temperature", temperature), ("friction", friction)):
+    for name, value in (("timestep", timestep), ("temperature", temperature), ("time_scale", time_scale)):
         if not float(value) > 0:
             raise EnpcgError(f"{name} must be > 0; you supplied {value!r}")
     if topology.getNumAtoms() != n:
@@ -155,10 +169,10 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
              "final_state": out_dir / "final_state.xml"}
 
     plat, props = _platform(platform, precision)
-    integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, friction / unit.picosecond,
-                                                 timestep * unit.picosecond)
+    integrator = langevin_integrator(temperature, friction, timestep, n_particles=n)
     integrator.setRandomNumberSeed(openmm_seed(seed))
     simulation = app.Simulation(topology, system, integrator, plat, props)
+    attach(integrator)
     if box is not None:
         simulation.context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
     simulation.context.setPositions(pos)
@@ -189,6 +203,9 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
         wall = time.perf_counter() - t0
         simulation.reporters.clear()
         simulation.saveState(str(tmp["final_state"]))
+        if time_scale != 1.0:
+            log_fh.flush()
+            _add_mapped_time(tmp["log"], time_scale)
         # ExitStack closes the bar, the DCD and the log, then renames each temporary file onto its target.
 
     ns_per_day = steps * timestep * 1e-3 / (wall / 86400.0) if wall > 0 else float("inf")

@@ -27,9 +27,12 @@ def pipeline_out(tmp_path_factory):
 
 
 def test_every_example_is_covered():
-    """A new example must be added to the tests below (oriented_methylpentane.py: tests/test_oriented_example.py)."""
+    """A new example must be added to the tests below (oriented_methylpentane.py: tests/test_oriented_example.py;
+    the glass examples: tests/test_glass_examples.py)."""
     assert {p.name for p in EXAMPLES.glob("*.py")} == {"pipeline_python.py", "openmm_script.py",
-                                                        "analyze_trajectory.py", "oriented_methylpentane.py"}
+                                                        "analyze_trajectory.py", "oriented_methylpentane.py",
+                                                        "polymer_glass_transition.py",
+                                                        "glass_dynamics_methylpentane.py"}
 
 
 def test_pipeline_python(pipeline_out):

@@ -102,6 +102,30 @@ def test_simulate_and_analyze(work):
     assert (d / "report" / "report.md").exists() and list((d / "report").glob("*.png"))
 
 
+def test_calibrate_and_simulate_with_dynamics(work):
+    """enpcg calibrate fits a Langevin friction per bead type on the mapped D (here a short, plumbing-sized
+    run), writes dynamics.json and diffusion.png; enpcg simulate --dynamics applies it; time_scale mode adds
+    "Mapped time (ps)" = s x time to the log (1e-5 relative)."""
+    d = work
+    common = ["--model", d / "spline", "--backend", "native", "--pdb", d / "cg" / "cg.pdb", "--reference",
+              d / "cg" / "cg.h5", "--topology", d / "cg" / "cg_topology.json", "--temperature", 450,
+              "--time-ps", 4, "--report-ps", 0.05, "--timestep", 0.005]
+    assert run_cli("calibrate", *common, "--out", d / "dyn", "--max-runs", 2) == 0
+    cal = json.loads((d / "dyn" / "dynamics.json").read_text())
+    assert cal["mode"] == "friction" and cal["frictions"]["C4"] > 0 and len(cal["history"]) >= 1
+    assert cal["raw_speed_up"]["C4"] > 0 and (d / "dyn" / "diffusion.png").exists()
+    assert run_cli("simulate", "--model", d / "spline", "--backend", "native", "--pdb", d / "cg" / "cg.pdb",
+                   "--out", d / "sim-dyn", "--time-ps", 0.5, "--report-ps", 0.1, "--timestep", 0.005,
+                   "--dynamics", d / "dyn" / "dynamics.json") == 0
+    assert run_cli("calibrate", *common, "--out", d / "dyn-ts", "--mode", "time_scale") == 0
+    s = json.loads((d / "dyn-ts" / "dynamics.json").read_text())["time_scale"]
+    assert run_cli("simulate", "--model", d / "spline", "--backend", "native", "--pdb", d / "cg" / "cg.pdb",
+                   "--out", d / "sim-ts", "--time-ps", 0.5, "--report-ps", 0.1, "--timestep", 0.005,
+                   "--dynamics", d / "dyn-ts" / "dynamics.json") == 0
+    rows = np.genfromtxt(d / "sim-ts" / "log.csv", delimiter=",", names=True)
+    assert np.allclose(rows["Mapped_time_ps"], s * rows["Time_ps"], rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 def test_unknown_config_key_is_rejected(work, tmp_path, capsys):
     cfg = tmp_path / "fit.yaml"
