@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.enpcg-installed
 
-.PHONY: all demo test bench bench-lmax bench-oriented oriented-example enp-model venv clean
+.PHONY: all demo test bench bench-lmax bench-oriented oriented-example glass-examples enp-model venv clean
 
 all: test
 
@@ -50,6 +50,12 @@ bench-oriented: $(STAMP)
 
 oriented-example: $(STAMP)
 	$(PY) examples/oriented_methylpentane.py --out out/oriented_methylpentane
+
+# Glasses: the bead-spring polymer's T_g at two cooling rates (CPU; bench/gpu_glass.sh runs a larger one on a
+# GPU machine) and 3-methylpentane CG dynamics in atomistic time (about 40 minutes on 2 cores).
+glass-examples: $(STAMP)
+	$(PY) examples/polymer_glass_transition.py --out out/polymer_tg
+	$(PY) examples/glass_dynamics_methylpentane.py --out out/glass_dynamics
 
 clean:
 	rm -rf out .pytest_cache

@@ -41,10 +41,11 @@ FIT_WINDOW = (0.25, 0.75)  # reduced T: the two-line fit's range, away from the 
 
 def settings(args):
     if args.quick:
-        return {"chains": 20, "length": 10, "rates": [0.05, 0.005], "quenches": 2, "equilibration_steps": 2000,
+        return {"chains": 20, "length": 10, "rates": [0.05, 0.005], "quenches": [2, 2], "equilibration_steps": 2000,
                 "records": 60}
+    counts = [int(x) for x in str(args.quenches).split(",")]
     return {"chains": args.chains, "length": args.length, "rates": [args.fast_rate, args.fast_rate / args.rate_ratio],
-            "quenches": args.quenches, "equilibration_steps": 40000, "records": 200}
+            "quenches": counts * 2 if len(counts) == 1 else counts, "equilibration_steps": 40000, "records": 200}
 
 
 def main(argv=None):
@@ -52,7 +53,8 @@ def main(argv=None):
     p.add_argument("--out", default="out/polymer_tg")
     p.add_argument("--fast-rate", type=float, default=1e-2, help="fast cooling rate, reduced (1/tau)")
     p.add_argument("--rate-ratio", type=float, default=10.0, help="fast / slow rate (>= 10)")
-    p.add_argument("--quenches", type=int, default=3, help="independent quenches per rate (>= 3)")
+    p.add_argument("--quenches", default="3", help="independent quenches per rate (>= 3): one number, or two "
+                   "comma-separated (fast,slow)")
     p.add_argument("--chains", type=int, default=40, help="chains per melt")
     p.add_argument("--length", type=int, default=10, help="beads per chain")
     p.add_argument("--only", default=None, metavar="RATE:K",
@@ -76,10 +78,10 @@ def main(argv=None):
     props = {"Threads": "1"} if (args.platform or "CPU") == "CPU" else None
     t0 = time.perf_counter()
     by_rate, fits = {}, {}
-    for rate in s["rates"]:
+    for rate, n_quenches in zip(s["rates"], s["quenches"]):
         rate_k = rate * kelvin  # K/ps
         records = []
-        for k in range(s["quenches"]):
+        for k in range(n_quenches):
             if args.only is not None and args.only != f"{rate:g}:{k}":
                 continue
             path = out / f"quench_{rate:g}_{k}.npz"
