@@ -53,6 +53,8 @@ def settings(args):
     else:
         s = {"molecules": 64, "equilibration_ps": 40.0, "frames": 1500, "fit_seconds": 200.0, "fit_stride": 5,
              "calibration_steps": 20000, "cg_steps": 60000, "max_runs": 5}
+    if args.fit_seconds is not None:
+        s["fit_seconds"] = args.fit_seconds
     s.update(seed=args.seed, chiral=False, temperatures=[args.t1, args.t2])
     return s
 
@@ -143,6 +145,8 @@ def main(argv=None):
     p.add_argument("--out", default="out/glass_dynamics")
     p.add_argument("--t1", type=float, default=200.0, help="calibration temperature, K")
     p.add_argument("--t2", type=float, default=170.0, help="lower test temperature, K")
+    p.add_argument("--fit-seconds", type=float, default=None, help="fit wall-time budget per temperature, s "
+                   "(default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny settings (minutes; the test)")
     p.add_argument("--progress", action="store_true")
