@@ -407,6 +407,24 @@ def diffusion_coefficient(lag_times, msd, *, t_min=None, t_max=None, dim=3):
             "t_max": float(ts[-1]), "intercept": float(intercept), "n_points": int(n)}
 
 
+def diffusion_coefficient_or_bound(lag_times, msd, *, label="msd", dim=3):
+    """:func:`diffusion_coefficient` with its automatic window, or, when the run is too short for it, a fit
+    over a quarter to half the longest lag with a warning (in a sub-diffusive regime that D is a lower bound of
+    the long-time D). Same units and dict; ``"fallback"`` says which window was used."""
+    import warnings
+
+    try:
+        fit = diffusion_coefficient(lag_times, msd, dim=dim)
+        fit["fallback"] = False
+    except EnpcgError as e:
+        t_end = float(np.asarray(lag_times)[-1])
+        warnings.warn(f"{label}: {e}; fitting lags from {t_end / 4:.3g} to {t_end / 2:.3g} ps instead, a lower bound "
+                      "of the long-time D in a sub-diffusive regime", stacklevel=2)
+        fit = diffusion_coefficient(lag_times, msd, t_min=t_end / 4, t_max=t_end / 2, dim=dim)
+        fit["fallback"] = True
+    return fit
+
+
 def self_intermediate_scattering(traj, q, atom_indices=None, *, lags=None, remove_drift=True, masses=None,
                                  progress=True):
     """Isotropic self-intermediate scattering function F_s(q, t) = < sin(q r(t)) / (q r(t)) >.

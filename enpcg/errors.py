@@ -21,3 +21,27 @@ def input_error(what: str, *, path=None, field=None, fix=None) -> EnpcgError:
     if fix:
         msg += f". Fix: {fix}"
     return EnpcgError(msg)
+
+
+def check_int(name: str, value, minimum: int, example=None) -> int:
+    """``value`` as an int if it is a whole number >= ``minimum``; otherwise an EnpcgError naming ``name``."""
+    import numpy as np
+
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise EnpcgError(f"{name} must be an integer >= {minimum}; you supplied {value!r}. Fix: pass "
+                         f"{'e.g. ' + str(example) if example is not None else f'a whole number of at least {minimum}'}")
+    return int(value)
+
+
+def check_positive(name: str, value, unit_name: str, example=None) -> float:
+    """``value`` as a float if it is finite and > 0 (in ``unit_name``); otherwise an EnpcgError naming ``name``."""
+    import math
+
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not math.isfinite(v) or v <= 0:
+        raise EnpcgError(f"{name} must be a positive finite number in {unit_name}; you supplied {value!r}. Fix: "
+                         f"pass {'e.g. ' + str(example) if example is not None else 'a number > 0'}")
+    return v

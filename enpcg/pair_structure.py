@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from .dynamics import _check_indices
 from .errors import EnpcgError
 
 # Distances held in memory at once by partial_rdf (frames x pairs).
@@ -32,15 +33,7 @@ _SQ_CHUNK = 4_000_000
 
 
 def _indices(idx, n_atoms, name):
-    if idx is None:
-        return np.arange(n_atoms)
-    a = np.asarray(idx)
-    if a.ndim != 1 or len(a) == 0 or not np.issubdtype(a.dtype, np.integer):
-        raise EnpcgError(f"{name} must be a non-empty 1-D array of integer particle indices; you supplied "
-                         f"shape {a.shape}, dtype {a.dtype}. Fix: e.g. traj.topology.select('name A')")
-    if a.min() < 0 or a.max() >= n_atoms:
-        raise EnpcgError(f"{name} must lie in [0, {n_atoms - 1}] (the trajectory has {n_atoms} particles); you "
-                         f"supplied {a.min()}..{a.max()}")
+    a = _check_indices(idx, n_atoms, name)
     if len(np.unique(a)) != len(a):
         raise EnpcgError(f"{name} contains repeated particle indices; you supplied {len(a)} indices of which "
                          f"{len(np.unique(a))} are distinct. Fix: pass each particle once (np.unique)")

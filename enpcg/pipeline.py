@@ -310,7 +310,7 @@ def reference_diffusion(frames, topology) -> dict:
     Returns {bead type: (D nm^2/ps, standard error nm^2/ps)}, centre-of-mass drift removed.
     """
     from .analysis import trajectory_from_arrays
-    from .dynamics import diffusion_coefficient, mean_squared_displacement
+    from .dynamics import diffusion_coefficient_or_bound, mean_squared_displacement
 
     if not np.all(np.isfinite(frames.time)) or frames.positions.shape[0] < 10:
         raise EnpcgError("the reference needs at least 10 frames with times to give a diffusion coefficient. "
@@ -321,14 +321,7 @@ def reference_diffusion(frames, topology) -> dict:
     for t in topology.type_names():
         lag, msd = mean_squared_displacement(traj, np.flatnonzero(types == t), masses=topology.masses,
                                              progress=False)
-        try:
-            fit = diffusion_coefficient(lag, msd)
-        except EnpcgError as e:
-            import warnings
-
-            warnings.warn(f"bead type {t!r}: {e}; fitting lags from a quarter to half the longest instead (a "
-                          "lower bound of the long-time D in a sub-diffusive regime)", stacklevel=2)
-            fit = diffusion_coefficient(lag, msd, t_min=lag[-1] / 4, t_max=lag[-1] / 2)
+        fit = diffusion_coefficient_or_bound(lag, msd, label=f"bead type {t!r}")
         out[t] = (float(fit["D"]), float(fit["stderr"]))
     return out
 

@@ -83,15 +83,12 @@ def trajectory(positions, box, topology, times):
 
 def analyse(positions, axes, box, topology, times, q=None):
     """Dynamics of bead centres (nm) and backbone axes e_x; q in 1/nm (None: first peak of S(q))."""
-    from enpcg.dynamics import dynamics_summary
-
-    from enpcg.dynamics import diffusion_coefficient
+    from enpcg.dynamics import diffusion_coefficient_or_bound, dynamics_summary
 
     traj = trajectory(positions, box, topology, times)
     result = dynamics_summary(traj, q=q, vectors=axes[..., 0], progress=False)
-    if result["D"] is None:  # too short for the automatic diffusive window (quick settings): the second half
-        t, msd = result["msd"]
-        result["D"] = diffusion_coefficient(t, msd, t_min=t[-1] / 4, t_max=t[-1] / 2)["D"]
+    if result["D"] is None:  # too short for the automatic diffusive window (quick settings)
+        result["D"] = diffusion_coefficient_or_bound(*result["msd"], label="bead centres")["D"]
         result["D_window"] = "lags from a quarter to half the longest (lower bound)"
     return result
 

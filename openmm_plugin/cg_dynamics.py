@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import openmm
@@ -127,7 +127,7 @@ def diffusion_from_positions(positions, times, groups) -> dict:
     """
     import mdtraj as md
 
-    from enpcg.dynamics import diffusion_coefficient, mean_squared_displacement
+    from enpcg.dynamics import diffusion_coefficient_or_bound, mean_squared_displacement
 
     pos = np.asarray(positions, dtype=np.float64)
     top = md.Topology()
@@ -139,16 +139,7 @@ def diffusion_from_positions(positions, times, groups) -> dict:
     result = {}
     for name, idx in groups.items():
         t, msd = mean_squared_displacement(traj, idx, masses=masses, progress=False)
-        try:
-            fit = diffusion_coefficient(t, msd)
-        except EnpcgError as e:
-            # A run too short for the automatic window (a caged liquid reaches slope 1 late): fit the second
-            # half of the lags and say so; the D is then a lower bound of the long-time D.
-            import warnings
-
-            warnings.warn(f"group {name!r}: {e}; fitting lags from {t[-1] / 4:.3g} to {t[-1] / 2:.3g} ps instead, "
-                          "which underestimates D in a sub-diffusive regime", stacklevel=2)
-            fit = diffusion_coefficient(t, msd, t_min=t[-1] / 4, t_max=t[-1] / 2)
+        fit = diffusion_coefficient_or_bound(t, msd, label=f"group {name!r}")
         result[name] = (float(fit["D"]), float(fit["stderr"]))
     return result
 

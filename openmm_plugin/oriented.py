@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -30,7 +29,6 @@ from torch import Tensor
 
 from enpcg.errors import EnpcgError
 from enpcg.geometry import minimum_image
-from enpcg.models.base import model_dtype
 from enpcg.oriented.base import OrientedModel
 
 from ._imports import import_openmmtorch

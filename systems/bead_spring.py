@@ -77,7 +77,7 @@ import numpy as np
 import openmm as mm
 from openmm import app, unit
 
-from enpcg.errors import EnpcgError
+from enpcg.errors import EnpcgError, check_int, check_positive
 from systems.polyethylene import _chain_id, set_cubic_box
 
 # --------------------------------------------------------------------------------------------- constants
@@ -200,23 +200,6 @@ class BeadSpringModel:
         return float(self.n_particles / abs(np.linalg.det(self.box)))
 
 
-def _check_int(name, value, minimum, example):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise EnpcgError(f"{name} must be an integer >= {minimum}; you supplied {value!r}. Fix: pass e.g. {example}")
-    return int(value)
-
-
-def _check_positive(name, value, unit_name, example):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not math.isfinite(v) or v <= 0:
-        raise EnpcgError(f"{name} must be a positive finite number in {unit_name}; you supplied {value!r}. "
-                         f"Fix: pass e.g. {example}")
-    return v
-
-
 def _fene_bond_force():
     """FENE + WCA bond (CustomBondForce, periodic, group BOND_GROUP); energy kJ/mol, r in nm."""
     expr = f"{_FENE_EXPR} + step({WCA_CUTOFF} - r)*(4*(x^2 - x) + 1); x = (1/r)^6"
@@ -264,9 +247,9 @@ def create_system(n_chains, chain_length, box_length, model="kremer-grest"):
     if model not in MODELS:
         raise EnpcgError(f"model must be one of {sorted(MODELS)}; you supplied {model!r}. Fix: pass "
                          "model='kremer-grest' or model='polymer-glass'")
-    n_chains = _check_int("n_chains", n_chains, 1, 20)
-    chain_length = _check_int("chain_length", chain_length, 1, 25)
-    L = _check_positive("box_length", box_length, "nm (sigma)", 10.0)
+    n_chains = check_int("n_chains", n_chains, 1, 20)
+    chain_length = check_int("chain_length", chain_length, 1, 25)
+    L = check_positive("box_length", box_length, "nm (sigma)", 10.0)
     pair = MODELS[model]
     cutoff = WCA_CUTOFF if pair == "wca" else LJ_CUTOFF
     if L < 2.0 * cutoff:
@@ -412,7 +395,7 @@ def _platform(name, threads):
     names = [mm.Platform.getPlatform(i).getName() for i in range(mm.Platform.getNumPlatforms())]
     if name not in names:
         raise EnpcgError(f"platform must be one of {names}; you supplied {name!r}. Fix: pass platform='CPU'")
-    props = {"Threads": str(_check_int("threads", threads, 1, 1))} if name == "CPU" else {}
+    props = {"Threads": str(check_int("threads", threads, 1, 1))} if name == "CPU" else {}
     return mm.Platform.getPlatformByName(name), props
 
 
@@ -518,11 +501,11 @@ def _push_off(n_chains, chain_length, box_length, pair, rng, seed, *, push_steps
 
 def _create(pair, n_chains, chain_length, density, seed, push_steps, warmup_steps, platform, threads, progress):
     t0 = time.time()
-    n_chains = _check_int("n_chains", n_chains, 1, 20)
-    chain_length = _check_int("chain_length", chain_length, 2, 25)
-    rho = _check_positive("density", density, "beads per nm^3 (sigma^-3)", 0.85)
-    push_steps = _check_int("push_off_steps", push_steps, 0, 3000)
-    warmup_steps = _check_int("warmup_steps", warmup_steps, 0, 500)
+    n_chains = check_int("n_chains", n_chains, 1, 20)
+    chain_length = check_int("chain_length", chain_length, 2, 25)
+    rho = check_positive("density", density, "beads per nm^3 (sigma^-3)", 0.85)
+    push_steps = check_int("push_off_steps", push_steps, 0, 3000)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0, 500)
     n = n_chains * chain_length
     L = (n / rho) ** (1.0 / 3.0)
     cutoff = WCA_CUTOFF if pair == "wca" else LJ_CUTOFF
@@ -630,16 +613,16 @@ def equilibrate(model: BeadSpringModel, steps, *, temperature=None, timestep=TIM
     from tqdm import tqdm
 
     t0 = time.time()
-    steps = _check_int("steps", steps, 0, 10000)
-    equilibration_steps = _check_int("equilibration_steps", equilibration_steps, 0, 2000)
-    sample_every = _check_int("sample_every", sample_every, 0, 100)
+    steps = check_int("steps", steps, 0, 10000)
+    equilibration_steps = check_int("equilibration_steps", equilibration_steps, 0, 2000)
+    sample_every = check_int("sample_every", sample_every, 0, 100)
     T = temperature_kelvin(KG_TEMPERATURE) if temperature is None else \
-        _check_positive("temperature", temperature, "K", "temperature_kelvin(1.0) = 120.27")
-    dt = _check_positive("timestep", timestep, "ps (= tau)", 0.005)
+        check_positive("temperature", temperature, "K", "temperature_kelvin(1.0) = 120.27")
+    dt = check_positive("timestep", timestep, "ps (= tau)", 0.005)
     if dt > 0.02:
         raise EnpcgError(f"timestep {dt} ps (tau) is too large for the stiff FENE + WCA bond (period ~0.15 tau). "
                          "Fix: use 0.005-0.01 ps")
-    gamma = _check_positive("friction", friction, "1/ps (= 1/tau)", 0.5)
+    gamma = check_positive("friction", friction, "1/ps (= 1/tau)", 0.5)
     pos0 = np.asarray(model.positions, dtype=np.float64)
     fix_start = ("start from the overlap-free positions of create_kremer_grest/create_polymer_glass (soft "
                  "push-off)")
@@ -652,7 +635,7 @@ def equilibrate(model: BeadSpringModel, steps, *, temperature=None, timestep=TIM
                              "pressure_bar(0.0)")
         system = copy.deepcopy(system)
         barostat = mm.MonteCarloBarostat(P * unit.bar, T * unit.kelvin,
-                                         _check_int("barostat_frequency", barostat_frequency, 1, 25))
+                                         check_int("barostat_frequency", barostat_frequency, 1, 25))
         system.addForce(barostat)
     else:
         barostat = None

@@ -76,7 +76,7 @@ import numpy as np
 import openmm as mm
 from openmm import app, unit
 
-from enpcg.errors import EnpcgError
+from enpcg.errors import EnpcgError, check_int, check_positive
 
 # --- model constants (reduced units = OpenMM units with sigma_AA = 1 nm, eps_AA = 1 kJ/mol, m = 1 amu) ---
 SIGMA = np.array([[1.0, 0.8], [0.8, 0.88]])      # nm, sigma_ab (rows/columns: A, B)
@@ -182,28 +182,10 @@ class KobAndersenSystem(NamedTuple):
         return int(self.system.getNumParticles())
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise EnpcgError(f"{name}: expected an integer >= {minimum}, got {value!r}. "
-                         f"Fix: pass a whole number of at least {minimum}")
-    return int(value)
-
-
-def _check_positive(name, value, what):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not math.isfinite(v) or v <= 0:
-        raise EnpcgError(f"{name}: expected a positive finite {what}, got {value!r}. "
-                         f"Fix: pass a number > 0")
-    return v
-
-
 def box_length_for(n_particles, density=DENSITY) -> float:
     """Cubic box edge (nm) holding ``n_particles`` at number ``density`` (nm^-3): (N / rho)^(1/3)."""
-    n = _check_int("n_particles", n_particles, 1)
-    rho = _check_positive("density", density, "number density in nm^-3")
+    n = check_int("n_particles", n_particles, 1)
+    rho = check_positive("density", density, "number density in nm^-3")
     return (n / rho) ** (1.0 / 3.0)
 
 
@@ -226,8 +208,8 @@ def create_system(n_particles=1000, density=DENSITY, fraction_b=FRACTION_B) -> K
         ``(system, topology, types)``: the System (masses 1 amu, one ``CustomNonbondedForce``, cubic periodic
         box), its Topology (same box) and the (N,) integer species array (0 = A, 1 = B).
     """
-    n = _check_int("n_particles", n_particles, 2)
-    rho = _check_positive("density", density, "number density in nm^-3")
+    n = check_int("n_particles", n_particles, 2)
+    rho = check_positive("density", density, "number density in nm^-3")
     try:
         fb = float(fraction_b)
     except (TypeError, ValueError):
@@ -270,7 +252,7 @@ def lattice_positions(n_particles, density=DENSITY, seed=0) -> np.ndarray:
     T* = 2 the lattice melts at once: U/N is at its liquid value within ~1 tau of Langevin dynamics
     (measured; the tests melt for 3 tau).
     """
-    n = _check_int("n_particles", n_particles, 1)
+    n = check_int("n_particles", n_particles, 1)
     box = box_length_for(n, density)
     m = int(math.ceil(n ** (1.0 / 3.0) - 1e-9))
     grid = np.stack(np.meshgrid(*[np.arange(m)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
@@ -293,7 +275,7 @@ def _platform(platform, threads):
         if plat.getName() != "CPU":
             raise EnpcgError(f"threads: only the CPU platform takes a thread count, got threads={threads!r} with "
                              f"platform {plat.getName()!r}. Fix: leave threads=None")
-        props["Threads"] = str(_check_int("threads", threads, 1))
+        props["Threads"] = str(check_int("threads", threads, 1))
     return plat, props
 
 
@@ -320,7 +302,7 @@ class VirialPressure:
     def __init__(self, types, box_length, platform="CPU", threads=None):
         types = np.asarray(types)
         self.n_particles = len(types)
-        L = _check_positive("box_length", box_length, "box edge in nm")
+        L = check_positive("box_length", box_length, "box edge in nm")
         system = mm.System()
         for _ in types:
             system.addParticle(MASS)
@@ -508,13 +490,13 @@ def run(system, positions, temperature, steps, report_interval, *, velocities=No
                          f"Fix: build it with systems.kob_andersen.create_system()")
     if ensemble not in _ENSEMBLES:
         raise EnpcgError(f"ensemble: expected one of {_ENSEMBLES}, got {ensemble!r}. Fix: pick one of those")
-    steps = _check_int("steps", steps, 1)
-    report_interval = _check_int("report_interval", report_interval, 1)
+    steps = check_int("steps", steps, 1)
+    report_interval = check_int("report_interval", report_interval, 1)
     if steps % report_interval:
         raise EnpcgError(f"report_interval: {report_interval} does not divide steps={steps}. "
                          f"Fix: make steps a multiple of report_interval")
-    t_red = _check_positive("temperature", temperature, "reduced temperature (T* = k_B T / eps_AA)")
-    timestep = _check_positive("timestep", timestep, "time step in ps")
+    t_red = check_positive("temperature", temperature, "reduced temperature (T* = k_B T / eps_AA)")
+    timestep = check_positive("timestep", timestep, "time step in ps")
     n = system.n_particles
     positions = np.asarray(positions, dtype=float)
     if positions.shape != (n, 3) or not np.all(np.isfinite(positions)):

@@ -45,8 +45,8 @@ import numpy as np
 import openmm as mm
 from openmm import app
 
-from enpcg.errors import EnpcgError
-from systems.otp import _check_box, _check_count, _check_positive, equilibrate, pack_on_lattice
+from enpcg.errors import EnpcgError, check_positive
+from systems.otp import _check_box, _check_count, equilibrate, pack_on_lattice
 from systems.polyethylene import (AMU_NM3_TO_G_CM3, BOND_K, KB, PolymerSystem, _chain_id, _place,
                                   density_g_cm3, lj_nonbonded, set_cubic_box, trappe_bonded_forces)
 
@@ -79,7 +79,7 @@ MAPPING = Path(__file__).parent / "mappings" / "methylpentane_frame.yaml"
 def box_length_for_density(n_molecules, density) -> float:
     """Cubic box edge in nm that holds ``n_molecules`` molecules at ``density`` g/cm^3."""
     n = _check_count(n_molecules)
-    rho = _check_positive("density", density, "g/cm^3")
+    rho = check_positive("density", density, "g/cm^3")
     return (n * MOLECULE_MASS * AMU_NM3_TO_G_CM3 / rho) ** (1.0 / 3.0)
 
 
@@ -162,8 +162,8 @@ def build_liquid(n_molecules=100, temperature=200.0, density=None, seed=0, *, eq
     """
     t0 = time.time()
     n = _check_count(n_molecules)
-    T = _check_positive("temperature", temperature, "K")
-    rho = DEFAULT_DENSITY if density is None else _check_positive("density", density, "g/cm^3")
+    T = check_positive("temperature", temperature, "K")
+    rho = DEFAULT_DENSITY if density is None else check_positive("density", density, "g/cm^3")
     try:
         eq_ps = float(equilibration_ps)
     except (TypeError, ValueError):

@@ -41,7 +41,7 @@ import numpy as np
 import openmm as mm
 from openmm import app, unit
 
-from enpcg.errors import EnpcgError
+from enpcg.errors import EnpcgError, check_positive
 from enpcg.oriented.frames import random_rotations
 from systems.polyethylene import (AMU_NM3_TO_G_CM3, KB, PolymerSystem, _chain_id, density_g_cm3, lj_nonbonded,
                                   set_cubic_box,
@@ -82,26 +82,16 @@ def _check_count(n_molecules):
     return int(n_molecules)
 
 
-def _check_positive(name, value, unit_name):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise EnpcgError(f"{name} must be a positive number in {unit_name}; you supplied {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise EnpcgError(f"{name} must be a positive finite number in {unit_name}; you supplied {value!r}")
-    return v
-
-
 def box_length_for_density(n_molecules, density) -> float:
     """Cubic box edge in nm that holds ``n_molecules`` OTP molecules at ``density`` g/cm^3."""
     n = _check_count(n_molecules)
-    rho = _check_positive("density", density, "g/cm^3")
+    rho = check_positive("density", density, "g/cm^3")
     return (n * MOLECULE_MASS * AMU_NM3_TO_G_CM3 / rho) ** (1.0 / 3.0)
 
 
 def _check_box(box_length, cutoff, hint):
     """box_length (nm) > 0 and at least twice the cutoff (nm); ``hint`` says how many molecules that takes."""
-    L = _check_positive("box_length", box_length, "nm")
+    L = check_positive("box_length", box_length, "nm")
     if cutoff > 0.5 * L:
         raise EnpcgError(f"box_length {L:.4f} nm is less than twice the {cutoff} nm cutoff. Fix: use a box of at "
                          f"least {2 * cutoff} nm ({hint})")
@@ -243,7 +233,7 @@ def build_liquid(n_molecules=64, temperature=346.0, density=1.09, seed=0, *, equ
     """
     t0 = time.time()
     n = _check_count(n_molecules)
-    T = _check_positive("temperature", temperature, "K")
+    T = check_positive("temperature", temperature, "K")
     try:
         eq_ps = float(equilibration_ps)
     except (TypeError, ValueError):
