@@ -130,18 +130,21 @@ def _check_indices(atom_indices, n_atoms, name="atom_indices"):
     return idx
 
 
-def _orthorhombic_lengths(traj):
-    """(F, 3) box edge lengths in nm, or None without a box; EnpcgError for triclinic boxes."""
+_UNWRAP_TRICLINIC_FIX = ("write the trajectory without wrapping (e.g. DCDReporter(..., enforcePeriodicBox=False)) "
+                         "and remove the unit cell (traj.unitcell_vectors = None) so no unwrapping is needed")
+
+
+def _orthorhombic_lengths(traj, what="unwrap", fix=_UNWRAP_TRICLINIC_FIX):
+    """(F, 3) box edge lengths in nm, or None without a box; EnpcgError for triclinic boxes naming ``what``
+    (the function that needs the orthorhombic box) and ``fix``."""
     if traj.unitcell_vectors is None:
         return None
     box = np.asarray(traj.unitcell_vectors, dtype=np.float64)
     diag = np.diagonal(box, axis1=1, axis2=2)
     off = box - diag[:, :, None] * np.eye(3)
     if np.max(np.abs(off)) > 1e-5 * np.max(np.abs(diag)):
-        raise EnpcgError("traj.unitcell_vectors: unwrap supports orthorhombic boxes only; this trajectory has a "
-                         f"triclinic box (largest off-diagonal {np.max(np.abs(off)):.4g} nm). Fix: write the "
-                         "trajectory without wrapping (e.g. DCDReporter(..., enforcePeriodicBox=False)) and "
-                         "remove the unit cell (traj.unitcell_vectors = None) so no unwrapping is needed")
+        raise EnpcgError(f"traj.unitcell_vectors: {what} supports orthorhombic boxes only; this trajectory has a "
+                         f"triclinic box (largest off-diagonal {np.max(np.abs(off)):.4g} nm). Fix: {fix}")
     if np.any(diag <= 0):
         raise EnpcgError(f"traj.unitcell_vectors: box edge lengths must be positive; you supplied a minimum of "
                          f"{diag.min():.4g} nm. Fix: load the trajectory with its real box")

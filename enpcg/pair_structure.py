@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from .dynamics import _check_indices
+from .dynamics import _check_indices, _orthorhombic_lengths
 from .errors import EnpcgError
 
 # Distances held in memory at once by partial_rdf (frames x pairs).
@@ -119,14 +119,8 @@ def partial_rdf(traj, indices_a, indices_b, *, r_max=None, bin_width=0.01):
 def _orthorhombic(traj):
     """(F, 3) box edges in nm; EnpcgError for no box or a triclinic box."""
     _box_widths(traj)  # raises without a box
-    box = np.asarray(traj.unitcell_vectors, dtype=np.float64)
-    diag = np.diagonal(box, axis1=1, axis2=2)
-    off = box - diag[:, :, None] * np.eye(3)
-    if np.max(np.abs(off)) > 1e-5 * np.max(np.abs(diag)):
-        raise EnpcgError("traj.unitcell_vectors: structure_factor supports orthorhombic boxes only; this box is "
-                         f"triclinic (largest off-diagonal {np.max(np.abs(off)):.4g} nm). Fix: compute S(q) by "
-                         "Fourier transform of partial_rdf, or simulate in an orthorhombic box")
-    return diag
+    return _orthorhombic_lengths(traj, "structure_factor", "compute S(q) by Fourier transform of partial_rdf, or "
+                                 "simulate in an orthorhombic box")
 
 
 def reciprocal_vectors(lengths, q_max):
