@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.enpcg-installed
 
-.PHONY: all demo test bench bench-lmax bench-oriented oriented-example glass-examples enp-model venv clean
+.PHONY: all demo test bench bench-votca bench-lmax bench-oriented oriented-example glass-examples enp-model venv clean
 
 all: test
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_bench.py --platform CPU
+
+# Spline force matching vs VOTCA's csg_fmatch on the demo's CG data (needs `make demo` and `apt-get install votca`).
+bench-votca: $(STAMP)
+	$(PY) bench/votca_fmatch.py --data out/demo/cg/cg.h5 --topology out/demo/cg/cg_topology.json --work out/bench_votca
 
 # The equivariant potential of the bundled melt: training frames (seed 1) and an independent validation
 # trajectory (seed 2) from the classical reference, then 10 minutes of training on the CPU.

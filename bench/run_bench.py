@@ -1,18 +1,28 @@
-"""Benchmark: cost per MD step of the demo's CG models in OpenMM, side by side, with ratios.
+"""Benchmark: cost per MD step of the demo's CG models in OpenMM, side by side in one run, with ratios.
 
-Rows (same machine, same run): native tabulated spline export (the baseline), the same spline model as a
-TorchForce, the neural model (priors + network) as a TorchForce, an empty TorchForce (zero energy: the
-fixed cost of the plugin), and the united-atom reference with native OpenMM forces. Sizes: the demo's 252
-beads and an 8x replica (2,016 beads). Per simulated nanosecond: CG at 10 fs, atomistic at 2 fs.
+Rows per size (same machine, same run): the native tabulated spline export (the baseline), the same spline
+model as a TorchForce, the neural model (priors + network) as a TorchForce, and an empty TorchForce (zero
+energy: the plugin's fixed cost); on a GPU also the TorchForce rows with CUDA graphs (fixed-shape cell list).
+Sizes are replicas of the demo's 252-bead melt cell: 1k = 2x2x1 (1,008 beads), 4k = 4x2x2 (4,032),
+8k = 4x4x2 (8,064), 64k = 8x8x4 (64,512), 256k = 16x8x8 (258,048).
+
+Then: the marginal cost per bead-step, (t_big - t_mid) / (n_big - n_mid) against (t_mid - t_small) /
+(n_mid - n_small), after subtracting the empty TorchForce; eager against scripted model time on the CPU;
+wall time per simulated nanosecond of the CG melt (252 beads, 10 fs) against the united-atom reference
+(1,008 sites, native forces, 2 fs) and of the neural CG against the equivariant atomistic reference
+(`systems/models/polyethylene_enp`, 2 fs), also per atomistic-equivalent nanosecond when a dynamics
+calibration (`enpcg calibrate`, time_scale mode) is given; fitting throughput in bead-frames per second.
 
 Before timing, each export's forces on the chosen platform are checked against the Reference platform
-(||dF||/||F||, printed in the table). On CUDA, TorchForce rows are timed with CUDA graphs off and on.
+(||dF||/||F||, up to 8k beads).
 
 Needs the demo's models: run `make demo` first.
-Usage: python bench/run_bench.py [--platform CPU|CUDA] [--demo out/demo] [--steps 200] [--sizes 1,2]
-(`make bench` runs the CPU version.) Units: ms per step, ns/day.
+Usage: python bench/run_bench.py [--platform CPU|CUDA] [--demo out/demo] [--sizes 1k,4k,8k,64k]
+       [--seconds 2] [--dynamics out/demo/dynamics/dynamics.json]
+(`make bench` runs the CPU version.) Units: ms per step, ns/day, bead-frames/s.
 """
 import argparse
+import json
 import platform
 import time
 from datetime import date
@@ -25,10 +35,13 @@ import openmm
 from openmm import unit
 
 from enpcg.h5md import read_h5md
-from enpcg.models import create_model, load_model
+from enpcg.models import batch_forces, create_model, load_model
 from enpcg.models.base import CGModel
 from enpcg.topology import CGTopology
 from openmm_plugin.export import export_forces
+
+SHAPES = {"1k": (2, 2, 1), "4k": (4, 2, 2), "8k": (4, 4, 2), "64k": (8, 8, 4), "256k": (16, 8, 8)}
+CHECK_MAX_BEADS = 8100  # Reference-platform force checks up to 8k beads (larger ones take minutes)
 
 
 class Zero(CGModel):
@@ -39,22 +52,20 @@ class Zero(CGModel):
         return (positions * 0.0).sum(dim=(1, 2))
 
 
-def replicate(top: CGTopology, positions, box, n):
-    """n x n x n periodic images: a topology, positions (nm) and box (nm) n times larger per side."""
-    reps, pos = [], []
-    shifts = [(i, j, k) for i in range(n) for j in range(n) for k in range(n)]
-    nb = top.n_beads
-    for c, (i, j, k) in enumerate(shifts):
-        pos.append(positions + i * box[0] + j * box[1] + k * box[2])
-        reps.append(c)
-    m = len(shifts)
+def replicate(top: CGTopology, positions, box, shape):
+    """Periodic images (nx, ny, nz) of an orthorhombic cell: topology, positions (nm), box (nm)."""
+    if isinstance(shape, int):
+        shape = (shape, shape, shape)
+    shifts = [(i, j, k) for i in range(shape[0]) for j in range(shape[1]) for k in range(shape[2])]
+    nb, m = top.n_beads, len(shifts)
+    pos = [positions + i * box[0] + j * box[1] + k * box[2] for i, j, k in shifts]
     big = CGTopology(top.bead_names * m, top.bead_types * m, np.tile(top.masses, m),
-                     np.concatenate([top.molecule_index + c * top.n_molecules for c in reps]),
-                     bonds=np.concatenate([top.bonds + c * nb for c in reps]),
-                     angles=np.concatenate([top.angles + c * nb for c in reps]),
-                     dihedrals=np.concatenate([top.dihedrals + c * nb for c in reps]),
+                     np.concatenate([top.molecule_index + c * top.n_molecules for c in range(m)]),
+                     bonds=np.concatenate([top.bonds + c * nb for c in range(m)]),
+                     angles=np.concatenate([top.angles + c * nb for c in range(m)]),
+                     dihedrals=np.concatenate([top.dihedrals + c * nb for c in range(m)]),
                      residue_names=top.residue_names * m, exclusion_bonds=top.exclusion_bonds)
-    return big, np.concatenate(pos), box * n
+    return big, np.concatenate(pos), box * np.asarray(shape, dtype=float)[:, None]
 
 
 def rebuild(model, top):
@@ -67,9 +78,9 @@ def rebuild(model, top):
     return new
 
 
-def make_system(forces, top, box):
+def make_system(forces, masses, box):
     system = openmm.System()
-    for m in top.masses:
+    for m in masses:
         system.addParticle(float(m))
     system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*b) for b in box])
     for f in forces:
@@ -77,35 +88,97 @@ def make_system(forces, top, box):
     return system
 
 
-def forces_on(platform, make, top, positions, box):
-    ctx = openmm.Context(make_system(make(), top, box), openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName(platform))
+def forces_on(platform_name, make, masses, positions, box):
+    ctx = openmm.Context(make_system(make(), masses, box), openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName(platform_name))
     ctx.setPositions(positions * unit.nanometer)
     f = ctx.getState(getForces=True).getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
     return np.asarray(f)
 
 
-def time_forces(make, top, positions, box, steps, dt, platform):
-    system = make_system(make(), top, box)
-    integ = openmm.LangevinMiddleIntegrator(450 * unit.kelvin, 1 / unit.picosecond, dt * unit.picoseconds)
-    ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform))
+def time_steps(system, positions, dt_ps, platform_name, seconds, warmup=5, temperature=450.0):
+    """ms per Langevin step of ``system``, timed over at least ``seconds`` after ``warmup`` steps."""
+    integ = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1 / unit.picosecond, dt_ps * unit.picoseconds)
+    ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform_name))
     ctx.setPositions(positions * unit.nanometer)
-    integ.step(20)  # warm-up (TorchScript profiling executor, neighbour lists, CUDA graph capture)
+    integ.step(warmup)  # TorchScript profiling executor, neighbour lists, CUDA graph capture
     ctx.getState(getEnergy=True)
+    steps, elapsed, chunk = 0, 0.0, 1
+    while elapsed < seconds or steps < 3:
+        t0 = time.perf_counter()
+        integ.step(chunk)
+        ctx.getState(getEnergy=True)  # waits for the device
+        elapsed += time.perf_counter() - t0
+        steps += chunk
+        chunk = min(2 * chunk, 1000)
+    return elapsed / steps * 1e3
+
+
+def model_call_ms(model, positions, box, calls=20):
+    """ms per energy + forces (autograd) call of a model outside OpenMM, after ``calls`` warm-up calls."""
+    x = torch.tensor(positions).unsqueeze(0)
+    b = torch.tensor(box).unsqueeze(0)
+    for _ in range(calls):
+        batch_forces(model, x, b)
     t0 = time.perf_counter()
-    integ.step(steps)
-    ctx.getState(getEnergy=True)  # waits for the device
-    return (time.perf_counter() - t0) / steps * 1e3
+    for _ in range(calls):
+        batch_forces(model, x, b)
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def fitting_throughput(demo: Path, neural_template, seconds: float, device: str):
+    """Bead-frames per second of MS-CG (the spline fit) and of neural force-matching steps (Adam, batch 8) on
+    ``device``; on a GPU also the largest relative difference of the MS-CG tables from the CPU solve."""
+    from enpcg.fitting.mscg import fit_spline
+
+    data = read_h5md(demo / "cg" / "cg.h5")
+    top = neural_template.topology
+    n_frames, n_beads = data.positions.shape[:2]
+
+    def mscg(dev):
+        t0 = time.perf_counter()
+        model = fit_spline(data.positions, data.forces, data.box, top, cutoff=1.2, temperature=450.0, device=dev,
+                           progress=False)
+        return model, n_frames * n_beads / (time.perf_counter() - t0)
+
+    fitted, mscg_rate = mscg(device)
+    mscg_gap = float("nan")
+    if device != "cpu":
+        on_cpu, _ = mscg("cpu")
+        a = fitted.pairs_values.cpu().numpy()
+        b = on_cpu.pairs_values.cpu().numpy()
+        mscg_gap = float(np.abs(a - b).max() / np.abs(b).max())
+    model = create_model(neural_template.kind, top, **neural_template.config).double().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.tensor(data.positions, device=device)
+    f = torch.tensor(data.forces, device=device)
+    b = torch.tensor(data.box, device=device)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        idx = torch.randint(0, n_frames, (8,), device=device)
+        opt.zero_grad()
+        _, pred = batch_forces(model, x[idx], b[idx], create_graph=True)
+        loss = ((pred - f[idx]) ** 2).mean()
+        loss.backward()
+        opt.step()
+        done += 8 * n_beads
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return mscg_rate, done / (time.perf_counter() - t0), mscg_gap
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", default="out/demo")
-    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--platform", default="CPU")
-    p.add_argument("--sizes", default="1,2", help="replicas per box side, comma-separated")
+    p.add_argument("--sizes", default=None, help="comma-separated among 1k,4k,8k,64k,256k (default: "
+                                                 "1k,4k,8k,64k on CPUs, 1k,8k,64k,256k on GPUs)")
+    p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per row")
+    p.add_argument("--dynamics", default=None, help="dynamics.json of `enpcg calibrate` (time_scale mode)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     gpu = args.platform in ("CUDA", "OpenCL", "HIP")
+    sizes = (args.sizes or ("1k,8k,64k,256k" if gpu else "1k,4k,8k,64k")).split(",")
     demo = Path(args.demo)
     if not (demo / "models" / "spline" / "model.json").exists():
         raise SystemExit(f"{demo}/models/spline not found: run `make demo` first (or pass --demo)")
@@ -113,55 +186,122 @@ def main(argv=None):
     spline = load_model(demo / "models" / "spline")
     neural = load_model(demo / "models" / "neural")
     last = read_h5md(demo / "cg" / "cg.h5", frames=[-1], require_forces=False)
-    rows = []
-    for n in [int(k) for k in args.sizes.split(",")]:
-        top, pos, box = replicate(spline.topology, last.positions[0], last.box[0], n)
-        s, nn = rebuild(spline, top), rebuild(neural, top)
-        zero = Zero(top)
+    rows, timing = [], {}
+    for size in sizes:
+        top, pos, box = replicate(spline.topology, last.positions[0], last.box[0], SHAPES[size])
+        s, nn, zero = rebuild(spline, top), rebuild(neural, top), Zero(top)
         cases = [("native spline", lambda: export_forces(s, "native")),
                  ("TorchForce spline", lambda: export_forces(s, "torch")),
                  ("TorchForce neural", lambda: export_forces(nn, "torch")),
                  ("TorchForce empty", lambda: export_forces(zero, "torch"))]
         if gpu:
-            cases += [("TorchForce spline, CUDA graphs", lambda: export_forces(s, "torch", cuda_graphs=True)),
-                      ("TorchForce neural, CUDA graphs", lambda: export_forces(nn, "torch", cuda_graphs=True))]
+            cases += [(f"{name}, CUDA graphs", lambda m=m: export_forces(m, "torch", cuda_graphs=True, box=box))
+                      for name, m in (("TorchForce spline", s), ("TorchForce neural", nn), ("TorchForce empty", zero))]
         base = None
         for name, make in cases:
             err = float("nan")
             try:
-                if "empty" not in name and top.n_beads <= 2016:
-                    ref = forces_on("Reference", make, top, pos, box)
-                    err = np.linalg.norm(forces_on(args.platform, make, top, pos, box) - ref) / np.linalg.norm(ref)
-                steps = args.steps if ("native" in name or gpu) else max(20, args.steps // 4)
-                ms = time_forces(make, top, pos, box, steps, 0.01, args.platform)
+                if "empty" not in name and top.n_beads <= CHECK_MAX_BEADS:
+                    ref = forces_on("Reference", make, top.masses, pos, box)
+                    err = np.linalg.norm(forces_on(args.platform, make, top.masses, pos, box) - ref) / np.linalg.norm(ref)
+                ms = time_steps(make_system(make(), top.masses, box), pos, 0.01, args.platform, args.seconds)
             except openmm.OpenMMException as e:  # e.g. a model that CUDA graphs cannot capture
                 print(f"{top.n_beads} beads, {name}: failed ({str(e).splitlines()[0]})", flush=True)
                 ms = float("nan")
             base = base or ms
-            rows.append((top.n_beads, name, ms, ms / base, err))
+            rows.append({"size": size, "beads": top.n_beads, "force": name, "ms_per_step": ms, "x_native": ms / base,
+                         "rel_force_error": err})
+            timing[(size, name)] = ms
+            print(f"{top.n_beads} beads, {name}: {ms:.3f} ms/step ({ms / base:.1f}x native), "
+                  f"||dF||/||F|| {err:.1e}", flush=True)
+        if size == "4k" and not gpu:
+            eager = model_call_ms(nn, pos, box)
+            scripted = model_call_ms(torch.jit.script(nn), pos, box)
+            timing["eager_vs_scripted"] = (top.n_beads, eager, scripted)
+
+    # ------------------------------------------------------------------ per simulated nanosecond
     from systems.polyethylene import default_melt
 
     melt = default_melt()
-    aa = openmm.LangevinMiddleIntegrator(450 * unit.kelvin, 1 / unit.picosecond, 0.002 * unit.picoseconds)
-    ctx = openmm.Context(melt.system, aa, openmm.Platform.getPlatformByName(args.platform))
-    ctx.setPeriodicBoxVectors(*[openmm.Vec3(*b) for b in melt.box])
-    ctx.setPositions(melt.positions * unit.nanometer)
-    aa.step(50)
-    t0 = time.perf_counter()
-    aa.step(args.steps)
-    ms_aa = (time.perf_counter() - t0) / args.steps * 1e3
+    ms_aa = time_steps(melt.system, melt.positions, 0.002, args.platform, args.seconds)
+    enp = load_model("systems/models/polyethylene_enp")
+    enp_system = make_system(export_forces(enp, "torch", dtype="float32"), enp.topology.masses, melt.box)
+    ms_enp = time_steps(enp_system, melt.positions, 0.002, args.platform, args.seconds)
+    ms_cg_native = time_steps(make_system(export_forces(spline, "native"), spline.topology.masses, last.box[0]),
+                              last.positions[0], 0.01, args.platform, args.seconds)
+    ms_cg_neural = time_steps(make_system(export_forces(neural, "torch"), neural.topology.masses, last.box[0]),
+                              last.positions[0], 0.01, args.platform, args.seconds)
+    time_scale = None
+    if args.dynamics:
+        cal = json.loads(Path(args.dynamics).read_text())
+        time_scale = float(cal.get("time_scale", 1.0)) if cal.get("mode") == "time_scale" else None
+    fit_device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    mscg_rate, neural_rate, mscg_gap = fitting_throughput(demo, neural, args.seconds * 5, fit_device)
+
+    # ------------------------------------------------------------------ report
     device = torch.cuda.get_device_name(0) if gpu and torch.cuda.is_available() else platform.machine()
-    print(f"# enpcg benchmark, {date.today()}, {device}, OpenMM {openmm.__version__} {args.platform} platform, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} CPU thread)")
+    from importlib.metadata import version
+
+    print(f"\n# enpcg benchmark, {date.today()}, {device}, OpenMM {openmm.__version__} {args.platform} platform, "
+          f"openmmtorch {version('openmmtorch')}, torch {torch.__version__} ({torch.get_num_threads()} thread)")
     print("| beads | force | ms/step | x native | ns/day (10 fs) | ||dF||/||F|| vs Reference |")
     print("|---|---|---|---|---|---|")
-    for n, name, ms, ratio, err in rows:
-        print(f"| {n} | {name} | {ms:.3f} | {ratio:.1f} | {0.01 * 86400 / ms:.1f} | {err:.1e} |")
-    cg_native = rows[0][2]
-    print(f"\nunited-atom reference, 1,008 sites, native forces: {ms_aa:.3f} ms/step at 2 fs "
-          f"= {0.002 * 86400 / ms_aa:.1f} ns/day")
-    print(f"CG (252 beads, native spline, 10 fs) vs atomistic per simulated ns: "
-          f"{(0.01 / cg_native) / (0.002 / ms_aa):.1f}x faster")
+    for r in rows:
+        print(f"| {r['beads']} | {r['force']} | {r['ms_per_step']:.3f} | {r['x_native']:.1f} | "
+              f"{0.01 * 86400 / r['ms_per_step']:.1f} | {r['rel_force_error']:.1e} |")
+
+    print("\nMarginal cost per bead-step (ms, after subtracting the empty TorchForce; native as is):")
+    print("| force | small -> mid | mid -> big | ratio (goal <= 1.5) |")
+    print("|---|---|---|---|")
+    trio = ("8k", "64k", "256k") if gpu else ("1k", "8k", "64k")
+    if all(any(r["size"] == t for r in rows) for t in trio):
+        n = {r["size"]: r["beads"] for r in rows}
+        suffixes = ["", ", CUDA graphs"] if gpu else [""]
+        for suffix in suffixes:
+            for name in ("native spline", "TorchForce spline", "TorchForce neural"):
+                if "native" in name and suffix:
+                    continue
+                key = name + suffix
+
+                def t(size):
+                    empty = 0.0 if "native" in name else timing[(size, "TorchForce empty" + suffix)]
+                    return timing[(size, key)] - empty
+
+                m1 = (t(trio[1]) - t(trio[0])) / (n[trio[1]] - n[trio[0]])
+                m2 = (t(trio[2]) - t(trio[1])) / (n[trio[2]] - n[trio[1]])
+                print(f"| {key} | {m1:.2e} | {m2:.2e} | {m2 / m1:.2f} |")
+    if "eager_vs_scripted" in timing:
+        nb, eager, scripted = timing["eager_vs_scripted"]
+        print(f"\nNeural model at {nb} beads, energy + forces outside OpenMM: eager {eager:.1f} ms, scripted "
+              f"{scripted:.1f} ms after 20 warm-up calls: scripted / eager = {scripted / eager:.2f} (goal <= 1.2)")
+
+    print("\nWall time per simulated nanosecond (same machine):")
+    print("| system | sites | dt (fs) | ms/step | hours per ns | CG speed-up |")
+    print("|---|---|---|---|---|---|")
+    h = lambda ms, dt: ms / 1e3 * (1e-3 / dt) / 3600  # noqa: E731  (ms/step, dt in ps -> hours per ns)
+    print(f"| united-atom reference, native forces | 1008 | 2 | {ms_aa:.3f} | {h(ms_aa, 0.002):.3f} | 1 |")
+    print(f"| CG, native spline | 252 | 10 | {ms_cg_native:.3f} | {h(ms_cg_native, 0.01):.3f} | "
+          f"{h(ms_aa, 0.002) / h(ms_cg_native, 0.01):.1f}x (goal >= 10) |")
+    print(f"| equivariant atomistic reference (TorchForce, float32) | 1008 | 2 | {ms_enp:.3f} | "
+          f"{h(ms_enp, 0.002):.3f} | 1 |")
+    print(f"| CG, neural TorchForce | 252 | 10 | {ms_cg_neural:.3f} | {h(ms_cg_neural, 0.01):.3f} | "
+          f"{h(ms_enp, 0.002) / h(ms_cg_neural, 0.01):.1f}x (goal >= 100) |")
+    if time_scale:
+        print(f"Per atomistic-equivalent nanosecond (time scale {time_scale:.3f} from {args.dynamics}): "
+              f"native spline {h(ms_aa, 0.002) / h(ms_cg_native, 0.01) * time_scale:.1f}x, neural "
+              f"{h(ms_enp, 0.002) / h(ms_cg_neural, 0.01) * time_scale:.1f}x")
+    else:
+        print("Per atomistic-equivalent nanosecond: pending (pass --dynamics from `enpcg calibrate`, time_scale mode)")
+    print(f"\nFitting throughput on {demo / 'cg' / 'cg.h5'} ({fit_device}, 1 CPU thread): MS-CG spline "
+          f"{mscg_rate:.3g} bead-frames/s; neural force matching (batch 8, Adam) {neural_rate:.3g} bead-frames/s")
+    if fit_device != "cpu":
+        print(f"MS-CG pair tables, GPU solve vs CPU solve: max |dU| / max |U| = {mscg_gap:.1e} (goal <= 1e-6)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "ms_aa": ms_aa, "ms_enp": ms_enp,
+                                               "ms_cg_native": ms_cg_native, "ms_cg_neural": ms_cg_neural,
+                                               "mscg_bead_frames_per_s": mscg_rate,
+                                               "neural_bead_frames_per_s": neural_rate,
+                                               "mscg_gpu_vs_cpu": mscg_gap}, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sources you trust, as you would a Python script.
 """
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,35 @@ def save_torchscript(model: CGModel, path, *, periodic: bool = True, dtype=None)
     return Path(path)
 
 
-def _torch_forces(model: CGModel, *, periodic: bool, dtype, cuda_graphs: bool) -> list:
+def graph_safe_model(model: CGModel, box=None) -> CGModel:
+    """A copy of ``model`` (same weights) whose pair lists CUDA graphs can capture: every ``pair_list`` in its
+    config becomes :func:`enpcg.neighbors.graph_safe_pair_list` of ``box`` (3, 3) nm and the term's cutoff
+    (the fixed-shape cell list, or the dense list for boxes too small for 3 cells per side)."""
+    from enpcg.neighbors import graph_safe_pair_list
+
+    def convert(cfg):
+        if isinstance(cfg, list):
+            return [convert(c) for c in cfg]
+        if not isinstance(cfg, dict):
+            return cfg
+        out = {k: convert(v) for k, v in cfg.items()}
+        if "pair_list" in cfg:
+            out["pair_list"] = graph_safe_pair_list(box, float(cfg.get("cutoff", 1.0)))
+        return out
+
+    desc = model.describe()
+    if '"pair_list"' not in json.dumps(desc["config"]):
+        return model  # no pair list: nothing to change
+    new = model_from_description({"kind": desc["kind"], "config": convert(desc["config"])}, model.topology)
+    new.to(model_dtype(model))
+    new.load_state_dict(model.state_dict())
+    return new
+
+
+def _torch_forces(model: CGModel, *, periodic: bool, dtype, cuda_graphs: bool, box=None) -> list:
     openmmtorch = import_openmmtorch()
+    if cuda_graphs:
+        model = graph_safe_model(model, box if periodic else None)
     force = openmmtorch.TorchForce(script_model(model, periodic=periodic, dtype=dtype))
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
     force.setOutputsForces(False)  # forces come from OpenMM-side autograd of the energy
@@ -231,7 +259,7 @@ BACKENDS = {"torch": _torch_forces, "python": _python_forces, "native": _native_
 
 
 def export_forces(model: CGModel, backend: str = "torch", *, periodic: bool = True, dtype=None,
-                  force_group: int = 0, cuda_graphs: bool = False) -> list:
+                  force_group: int = 0, cuda_graphs: bool = False, box=None) -> list:
     """OpenMM forces computing ``model``'s energy (kJ/mol) and forces (kJ/mol/nm) from positions in nm.
 
     Parameters
@@ -249,7 +277,13 @@ def export_forces(model: CGModel, backend: str = "torch", *, periodic: bool = Tr
     force_group : int
         OpenMM force group (0-31) of every returned force.
     cuda_graphs : bool
-        Capture the TorchForce in a CUDA graph (CUDA platform, backend="torch" only).
+        Capture the TorchForce in a CUDA graph (CUDA platform, backend="torch" only). The exported copy
+        finds pairs with fixed shapes and no host synchronisation (:func:`graph_safe_model`): a cell list
+        sized from ``box``, or the dense list in small boxes.
+    box : (3, 3) array, nm, optional
+        The System's periodic box; with ``cuda_graphs`` it sizes the cell list (a box that changes later,
+        e.g. under a barostat, is handled while cells stay at least a cutoff wide; the list's overflow flag
+        says when they do not).
 
     Returns
     -------
@@ -263,7 +297,8 @@ def export_forces(model: CGModel, backend: str = "torch", *, periodic: bool = Tr
         raise EnpcgError(f"force_group must be an integer from 0 to 31 (OpenMM's limit); you supplied {force_group!r}")
     if cuda_graphs and backend != "torch":
         raise EnpcgError(f"cuda_graphs=True applies to backend='torch' only; you asked for backend={backend!r}")
-    forces = BACKENDS[backend](model, periodic=bool(periodic), dtype=dtype, cuda_graphs=bool(cuda_graphs))
+    kw = {"box": box} if backend == "torch" else {}
+    forces = BACKENDS[backend](model, periodic=bool(periodic), dtype=dtype, cuda_graphs=bool(cuda_graphs), **kw)
     for f in forces:
         f.setForceGroup(int(force_group))
         if backend != "native":

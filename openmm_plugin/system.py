@@ -194,6 +194,8 @@ class CGPotential:
         if remove_cm_motion:
             system.addForce(openmm.CMMotionRemover())
         kw.setdefault("dtype", self.dtype)
+        if kw.get("cuda_graphs") and box is not None:
+            kw.setdefault("box", box)  # sizes the graph-safe cell list
         for f in export_forces(self.model, backend, periodic=periodic, **kw):
             system.addForce(f)
         return system

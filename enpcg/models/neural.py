@@ -3,7 +3,8 @@
 Units: positions and box in nm, energy in kJ/mol, cutoff in nm.
 
 Graph: every bead pair (i < j) closer than ``cutoff`` (minimum image when a box is given) is an edge; the
-pair list is the dense ``geometry.all_pairs`` list, filtered by distance at each call. Excluded pairs are not
+pair list is a :class:`enpcg.neighbors.PairList` (dense, vesin's cell list or a fixed-shape cell list), cut at the
+cutoff at each call. Excluded pairs are not
 dropped: each pair carries its bond-graph class (0 = other, 1/2/3 = 1-2/1-3/1-4 neighbours along CG bonds,
 from ``CGTopology.bond_graph_distances(3)``), embedded and fed to the filter networks together with a Bessel
 radial basis of r. Every filter is multiplied by a polynomial envelope that goes to zero with its first two
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import EnpcgError
-from ..geometry import all_pairs, minimum_image, pair_vectors
+from ..neighbors import PairList, lookup, pair_keys, parse_pair_list
 from .base import CGModel, register_model
 from .radial import bessel_basis, polynomial_envelope
 
@@ -102,10 +103,12 @@ class NeuralModel(CGModel):
     energy_scale : float, kJ/mol, the network's unit of energy (larger values let steep walls be learned in
         fewer steps)
     seed : int, seed of the weight initialisation (the global RNG is left untouched)
+    pair_list : how edges are found (:mod:`enpcg.neighbors`): "auto", "dense", "vesin" or a "cells" dict
     """
 
     def __init__(self, topology, cutoff: float = 1.0, n_rbf: int = 8, hidden: int = 16, n_layers: int = 2,
-                 pair_term: bool = True, core: bool = True, energy_scale: float = 1.0, seed: int = 0):
+                 pair_term: bool = True, core: bool = True, energy_scale: float = 1.0, seed: int = 0,
+                 pair_list="auto"):
         super().__init__(topology)
         cutoff, n_rbf, hidden, n_layers = float(cutoff), int(n_rbf), int(hidden), int(n_layers)
         energy_scale = float(energy_scale)
@@ -131,15 +134,20 @@ class NeuralModel(CGModel):
 
         # Graph buffers are rebuilt from the topology, not saved: the weights alone (the state dict) can be
         # bound to another system with the same bead types (e.g. two isolated beads to plot a pair curve).
-        pairs = all_pairs(topology.n_beads).numpy()
-        types = topology.type_index()
-        pair_type = topology.pair_type_matrix()[types[pairs[:, 0]], types[pairs[:, 1]]] if len(pairs) else \
-            np.zeros(0, dtype=np.int64)
-        self.register_buffer("types", torch.as_tensor(types, dtype=torch.long), persistent=False)
-        self.register_buffer("pairs", torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2), persistent=False)
-        self.register_buffer("pair_class", torch.as_tensor(pair_classes(topology, pairs), dtype=torch.long),
+        # Excluded pairs are not dropped (they carry their bond-graph class), so the pair list excludes none;
+        # the classes of 1-2, 1-3 and 1-4 pairs are looked up by pair key.
+        n = topology.n_beads
+        graph = np.asarray(topology.bond_graph_distances(3), dtype=np.int64).reshape(-1, 3)
+        keys = graph[:, 0] * n + graph[:, 1]
+        order = np.argsort(keys)
+        self.register_buffer("types", torch.as_tensor(topology.type_index(), dtype=torch.long).reshape(-1),
                              persistent=False)
-        self.register_buffer("pair_type", torch.as_tensor(pair_type, dtype=torch.long), persistent=False)
+        self.register_buffer("pair_type_matrix", torch.as_tensor(topology.pair_type_matrix(), dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("class_keys", torch.as_tensor(keys[order]), persistent=False)
+        self.register_buffer("class_values", torch.as_tensor(graph[order, 2]), persistent=False)
+        self.pair_list = PairList(n, cutoff, np.zeros((0, 2), dtype=np.int64), pair_list, compact=True)
+        self.config["pair_list"] = parse_pair_list(pair_list)
 
         n_types = max(1, len(topology.type_names()))
         width = max(1, n_layers) * hidden
@@ -172,32 +180,24 @@ class NeuralModel(CGModel):
         """Energies (B,) kJ/mol of positions (B, n, 3) nm with box (B, 3, 3) nm rows or None."""
         n_frames = positions.shape[0]
         n = positions.shape[1]
-        # Select the edges within the cutoff without gradient (a dense pass over all pairs), then recompute
-        # the vectors of the kept edges only, so that autograd never touches the full pair list.
-        with torch.no_grad():
-            r_all = torch.linalg.norm(pair_vectors(positions, self.pairs[:, 0], self.pairs[:, 1], box), dim=-1)
-            sel = torch.nonzero(r_all < self.cutoff)
-        frame = sel[:, 0]
-        pidx = sel[:, 1]
-        ii = self.pairs[pidx, 0] + frame * n
-        jj = self.pairs[pidx, 1] + frame * n
-        flat = positions.reshape(n_frames * n, 3)
-        d = (flat.index_select(0, jj) - flat.index_select(0, ii)).unsqueeze(1)  # (E, 1, 3)
-        if box is not None:
-            d = minimum_image(d, box.index_select(0, frame))
-        r = torch.linalg.norm(d.squeeze(1), dim=-1)
+        frame, i, j, d = self.pair_list(positions, box)
+        ii = i + frame * n
+        jj = j + frame * n
+        r = torch.linalg.norm(d, dim=-1)
+        pair_class = lookup(self.class_keys, self.class_values, pair_keys(i, j, n), 0)
+        pair_type = self.pair_type_matrix[self.types[i], self.types[j]]
         env = self.envelope(r).unsqueeze(-1)
 
         # Edge features: radial basis, bond-graph class and type pair (the embeddings act as biases of the
         # first layer); everything that reaches the energy from an edge is multiplied by the envelope.
-        h = torch.nn.functional.silu(self.filter_in(self._rbf(r)) + self.class_embedding(self.pair_class[pidx])
-                                     + self.pair_type_embedding(self.pair_type[pidx]))
+        h = torch.nn.functional.silu(self.filter_in(self._rbf(r)) + self.class_embedding(pair_class)
+                                     + self.pair_type_embedding(pair_type))
         energy = torch.zeros(n_frames, dtype=positions.dtype, device=positions.device)
         if self.pair_term:
             e_pair = self.pair_out(torch.nn.functional.silu(self.pair_mid(h)))
             if self.core:
-                amp = torch.nn.functional.softplus(self.core_logit[self.pair_type[pidx]])
-                amp = torch.where(self.pair_class[pidx] == 0, amp, torch.zeros_like(amp))
+                amp = torch.nn.functional.softplus(self.core_logit[pair_type])
+                amp = torch.where(pair_class == 0, amp, torch.zeros_like(amp))
                 e_pair = e_pair + (amp * torch.pow(0.5 * self.cutoff / r, 12.0)).unsqueeze(-1)
             e_pair = e_pair * env
             energy = energy.index_add(0, frame, e_pair.squeeze(-1))

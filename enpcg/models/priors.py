@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from ..errors import EnpcgError
-from ..geometry import all_pairs, bond_angles, bond_lengths, dihedral_angles, pair_vectors, norm
+from ..geometry import bond_angles, bond_lengths, dihedral_angles
+from ..neighbors import PairList, parse_pair_list
 from .base import CGModel, register_model
 
 
@@ -60,11 +61,12 @@ class PriorModel(CGModel):
     periodic : bool, whether the model uses periodic boundaries (minimum image; CutoffPeriodic export)
     cutoff : float, nm, repulsion cutoff rc
     bonds, angles, dihedrals, repulsion : dict, per-type parameters keyed by type key (see module docstring)
+    pair_list : how repulsion pairs are found (:mod:`enpcg.neighbors`): "auto", "dense", "vesin" or "cells"
     """
 
     def __init__(self, topology, periodic: bool = True, cutoff: float = 1.0, bonds: Optional[dict] = None,
                  angles: Optional[dict] = None, dihedrals: Optional[dict] = None,
-                 repulsion: Optional[dict] = None):
+                 repulsion: Optional[dict] = None, pair_list="auto"):
         super().__init__(topology)
         bonds = _term_parameters(topology, "bonds", bonds, ("k", "r0"))
         angles = _term_parameters(topology, "angles", angles, ("k", "theta0"))
@@ -92,6 +94,7 @@ class PriorModel(CGModel):
             "dihedrals": {k: {"k": [float(x) for x in v["k"]], "delta": [float(x) for x in v["delta"]]}
                           for k, v in dihedrals.items()},
             "repulsion": repulsion,
+            "pair_list": parse_pair_list(pair_list),
         }
         self.periodic = bool(periodic)
         self.cutoff = float(cutoff)
@@ -117,7 +120,7 @@ class PriorModel(CGModel):
         self.register_buffer("dihedral_k", per_term("dihedrals", "k"))
         self.register_buffer("dihedral_delta", per_term("dihedrals", "delta"))
         self.register_buffer("multiplicity", torch.tensor([1.0, 2.0, 3.0], dtype=f64))
-        # Repulsion per ordered type pair (T, T); pairs are the dense non-excluded list.
+        # Repulsion per ordered type pair (T, T); pairs come from the pair list (enpcg.neighbors).
         tmat = topology.pair_type_matrix()
         eps = np.zeros(tmat.shape)
         sig = np.zeros(tmat.shape)
@@ -129,9 +132,8 @@ class PriorModel(CGModel):
         self.register_buffer("rep_epsilon", torch.tensor(eps, dtype=f64))
         self.register_buffer("rep_sigma", torch.tensor(sig, dtype=f64))
         self.register_buffer("bead_type", torch.as_tensor(topology.type_index()), persistent=False)
-        excluded = torch.as_tensor(topology.excluded_pairs())
-        pairs = all_pairs(topology.n_beads, excluded) if repulsion else torch.zeros((0, 2), dtype=torch.int64)
-        self.register_buffer("pairs", pairs, persistent=False)
+        self.pair_list = PairList(topology.n_beads if repulsion else 0, self.cutoff, topology.excluded_pairs(),
+                                  self.config["pair_list"] if repulsion else "dense")
 
     @torch.jit.export
     def batch_energy(self, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
@@ -149,17 +151,18 @@ class PriorModel(CGModel):
             phi = dihedral_angles(positions, self.dihedrals, box).unsqueeze(-1)
             arg = self.multiplicity * phi - self.dihedral_delta
             e = e + (self.dihedral_k * (1.0 + torch.cos(arg))).sum((1, 2))
-        if self.use_repulsion and self.pairs.shape[0] > 0:
-            r = norm(pair_vectors(positions, self.pairs[:, 0], self.pairs[:, 1], box))
-            ti = self.bead_type[self.pairs[:, 0]]
-            tj = self.bead_type[self.pairs[:, 1]]
+        if self.use_repulsion:
+            frame, i, j, d = self.pair_list(positions, box)
+            r = torch.linalg.norm(d, dim=-1)
+            ti = self.bead_type[i]
+            tj = self.bead_type[j]
             eps = self.rep_epsilon[ti, tj]
             sig = self.rep_sigma[ti, tj]
             inside = r < self.cutoff
             # Keep r away from zero outside the cutoff so the masked branch has a finite gradient.
             r_safe = torch.where(inside, r, torch.full_like(r, self.cutoff))
             ep = eps * ((sig / r_safe) ** 12 - (sig / self.cutoff) ** 12)
-            e = e + torch.where(inside, ep, torch.zeros_like(ep)).sum(1)
+            e = e.index_add(0, frame, torch.where(inside, ep, torch.zeros_like(ep)))
         return e
 
     # ----------------------------------------------------------------- native export

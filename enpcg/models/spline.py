@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ..errors import EnpcgError
-from ..geometry import all_pairs, bond_angles, bond_lengths, dihedral_angles, norm, pair_vectors
+from ..geometry import bond_angles, bond_lengths, dihedral_angles
+from ..neighbors import PairList, parse_pair_list
 from .base import CGModel, register_model
 from .tables import TableSet, continuous_function, evaluate_tables
 
@@ -60,11 +61,12 @@ class SplineModel(CGModel):
     pairs, bonds, angles, dihedrals : dict, type key -> {"min", "max", "values"} (x in nm or rad,
         values in kJ/mol). Every bonded type present in the topology needs a table; ``pairs`` covers every
         pair type of :meth:`CGTopology.pair_type_names` or is empty (no pair interaction).
+    pair_list : how pairs are found (:mod:`enpcg.neighbors`): "auto", "dense", "vesin" or a "cells" dict
     """
 
     def __init__(self, topology, periodic: bool = True, cutoff: float = 1.0, pairs: Optional[dict] = None,
                  bonds: Optional[dict] = None, angles: Optional[dict] = None,
-                 dihedrals: Optional[dict] = None):
+                 dihedrals: Optional[dict] = None, pair_list="auto"):
         super().__init__(topology)
         if not float(cutoff) > 0:
             raise EnpcgError(f"spline config: cutoff must be > 0 nm; received {cutoff}")
@@ -73,7 +75,8 @@ class SplineModel(CGModel):
         needed = {"pairs": topology.pair_type_names() if given["pairs"] else [],
                   "bonds": topology.term_type_names("bonds"), "angles": topology.term_type_names("angles"),
                   "dihedrals": topology.term_type_names("dihedrals")}
-        self.config = {"periodic": bool(periodic), "cutoff": float(cutoff)}
+        self.config = {"periodic": bool(periodic), "cutoff": float(cutoff),
+                       "pair_list": parse_pair_list(pair_list)}
         for fam in FAMILIES:
             missing = [k for k in needed[fam] if k not in given[fam]]
             if missing:
@@ -105,16 +108,13 @@ class SplineModel(CGModel):
         for fam, width in (("bonds", 2), ("angles", 3), ("dihedrals", 4)):
             self.register_buffer(f"{fam}_table", torch.as_tensor(topology.term_type_index(fam)).reshape(-1),
                                  persistent=False)
-        if self.use_pairs:
-            pairs = all_pairs(topology.n_beads, torch.as_tensor(topology.excluded_pairs()))
-            t = torch.as_tensor(topology.type_index())
-            tmat = torch.as_tensor(topology.pair_type_matrix())
-            pair_table = tmat[t[pairs[:, 0]], t[pairs[:, 1]]]
-        else:
-            pairs = torch.zeros((0, 2), dtype=torch.int64)
-            pair_table = torch.zeros(0, dtype=torch.int64)
-        self.register_buffer("pairs", pairs, persistent=False)
-        self.register_buffer("pairs_table", pair_table, persistent=False)
+        self.register_buffer("types", torch.as_tensor(topology.type_index(), dtype=torch.int64).reshape(-1),
+                             persistent=False)
+        self.register_buffer("pair_type_matrix", torch.as_tensor(topology.pair_type_matrix(), dtype=torch.int64),
+                             persistent=False)
+        # Without pair tables the pair list is never called: a dense one of no beads costs nothing.
+        self.pair_list = PairList(topology.n_beads if self.use_pairs else 0, self.cutoff,
+                                  topology.excluded_pairs(), self.config["pair_list"] if self.use_pairs else "dense")
 
     @torch.jit.export
     def batch_energy(self, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
@@ -122,11 +122,13 @@ class SplineModel(CGModel):
         if not self.periodic:
             box = None
         e = torch.zeros(positions.shape[0], dtype=positions.dtype, device=positions.device)
-        if self.use_pairs and self.pairs.shape[0] > 0:
-            r = norm(pair_vectors(positions, self.pairs[:, 0], self.pairs[:, 1], box))
-            u = evaluate_tables(r, self.pairs_table, self.pairs_values, self.pairs_d2, self.pairs_min,
-                                self.pairs_spacing, self.pairs_npoints, False)
-            e = e + torch.where(r < self.cutoff, u, torch.zeros_like(u)).sum(1)
+        if self.use_pairs:
+            frame, i, j, d = self.pair_list(positions, box)
+            r = torch.linalg.norm(d, dim=-1)
+            table = self.pair_type_matrix[self.types[i], self.types[j]]
+            u = evaluate_tables(r.unsqueeze(0), table, self.pairs_values, self.pairs_d2, self.pairs_min,
+                                self.pairs_spacing, self.pairs_npoints, False)[0]
+            e = e.index_add(0, frame, torch.where(r < self.cutoff, u, torch.zeros_like(u)))
         if self.bonds.shape[0] > 0:
             r = bond_lengths(positions, self.bonds, box)
             e = e + evaluate_tables(r, self.bonds_table, self.bonds_values, self.bonds_d2, self.bonds_min,
