@@ -155,6 +155,19 @@ class PairList(torch.nn.Module):
                                        cell_capacity=int(spec.get("cell_capacity", 0) or 0),
                                        max_neighbors=int(spec.get("max_neighbors", 0) or 0)))
 
+    def poison(self, energy: Tensor) -> Tensor:
+        """``energy`` (B,) plus NaN once the fixed-capacity cell list has dropped pairs, else plus 0.
+
+        Models add this to their energies. The flag stays on the device (no host sync, CUDA graphs keep
+        working); a NaN energy stops the run at its next report, and the runner restarts from the last
+        checkpoint with grown capacities, so no result rests on a truncated pair list. Forces are left
+        finite (the term has no gradient), so the integrator does not spread NaN through the positions.
+        """
+        for cl in self.cells:
+            nan = torch.full_like(energy, float("nan"))
+            energy = energy + torch.where(cl.overflow > 0, nan, torch.zeros_like(nan))
+        return energy
+
     def is_excluded(self, i: Tensor, j: Tensor) -> Tensor:
         """(P,) bool: whether each pair (i < j) is excluded."""
         return (self.excluded_table.index_select(0, i) == j.unsqueeze(-1)).any(dim=-1)
@@ -249,5 +262,6 @@ class PairList(torch.nn.Module):
             raise RuntimeError("pair_list 'cells' needs a periodic box")
         out = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), x[:0])
         for cl in self.cells:
-            out = cl(x, box)
+            i, j, d = cl(x, box)
+            out = (i, j, d)
         return out

@@ -147,3 +147,16 @@ def test_graph_safe_export_gives_the_same_forces(chains):
     ref = forces(export_forces(model, "native"))
     graph = forces(export_forces(model, "torch", cuda_graphs=True, box=box))
     assert rel(graph, ref) < 1e-9
+
+
+def test_cell_list_overflow_poisons_the_energy(chains):
+    """A cell list whose capacities are too small for the configuration gives a NaN energy (forces stay finite),
+    so a run stops at its next report instead of going on with a truncated pair list; with its derived
+    capacities the energy is finite."""
+    top, x, b = chains
+    box = b[0].numpy()
+    ok = models(top, {"method": "cells", "box": box.tolist()})["spline"].double()
+    assert np.isfinite(float(ok(x[0], b[0])))
+    tight = models(top, {"method": "cells", "box": box.tolist(), "max_neighbors": 2})["spline"].double()
+    assert np.isnan(float(tight(x[0], b[0])))
+    assert tight.pair_list.overflowed()

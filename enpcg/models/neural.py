@@ -217,7 +217,7 @@ class NeuralModel(CGModel):
             # Bead energies relative to isolated beads, so that separated beads have zero energy.
             e_bead = self._bead_energy(x).reshape(n_frames, n) - self._bead_energy(x_free)
             energy = energy + e_bead.sum(dim=1)
-        return energy * self.energy_scale
+        return self.pair_list.poison(energy * self.energy_scale)
 
     @torch.jit.unused
     def optimizer_groups(self, weight_decay: float) -> list:

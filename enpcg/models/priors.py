@@ -162,7 +162,7 @@ class PriorModel(CGModel):
             # Keep r away from zero outside the cutoff so the masked branch has a finite gradient.
             r_safe = torch.where(inside, r, torch.full_like(r, self.cutoff))
             ep = eps * ((sig / r_safe) ** 12 - (sig / self.cutoff) ** 12)
-            e = e.index_add(0, frame, torch.where(inside, ep, torch.zeros_like(ep)))
+            e = self.pair_list.poison(e.index_add(0, frame, torch.where(inside, ep, torch.zeros_like(ep))))
         return e
 
     # ----------------------------------------------------------------- native export

@@ -122,7 +122,9 @@ def evaluate_tables(x: Tensor, table: Tensor, values: Tensor, d2: Tensor, xmin: 
     s = (x - x0) / h
     if periodic:
         s = s - last * torch.floor(s / last)
-    lower = torch.minimum(torch.clamp(torch.floor(s.detach()), min=0.0), last - 1.0)
+    # nan_to_num: a NaN argument (e.g. a pair list poisoned on overflow) must give a NaN value, not an
+    # out-of-range index (an index error on the CPU, a device-side assert that kills a CUDA context).
+    lower = torch.minimum(torch.clamp(torch.floor(torch.nan_to_num(s.detach(), nan=0.0)), min=0.0), last - 1.0)
     a = lower + 1.0 - s
     b = 1.0 - a
     n_max = values.shape[1]
