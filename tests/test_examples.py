@@ -32,7 +32,7 @@ def test_every_example_is_covered():
     assert {p.name for p in EXAMPLES.glob("*.py")} == {"pipeline_python.py", "openmm_script.py",
                                                         "analyze_trajectory.py", "oriented_methylpentane.py",
                                                         "polymer_glass_transition.py",
-                                                        "glass_dynamics_methylpentane.py"}
+                                                        "glass_dynamics_methylpentane.py", "inverse_design.py"}
 
 
 def test_pipeline_python(pipeline_out):
@@ -56,3 +56,11 @@ def test_analyze_trajectory(pipeline_out):
                  pipeline_out / "cg" / "cg_topology.json", "--trajectory", pipeline_out / "sim" / "trajectory.dcd")
     js = float(stdout.split("JS ")[1].split()[0])
     assert 0.0 <= js <= np.log(2)
+
+
+def test_inverse_design(tmp_path):
+    """examples/inverse_design.py --quick: both designs print 'reached' (within 1e-4 relative of the target) and
+    the history plot is written."""
+    stdout = run("inverse_design.py", "--quick", "--out", tmp_path)
+    assert stdout.count("reached in") == 2 and "NOT reached" not in stdout
+    assert (tmp_path / "design.png").exists()
