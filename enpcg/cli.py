@@ -7,6 +7,7 @@ stage has succeeded. Bad input exits with status 2 and a one-line message naming
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,11 @@ DESCRIPTIONS = {
     "export": "Export a fitted model as an OpenMM System (TorchForce, PythonForce or native tabulated forces).",
     "calibrate": "Fit CG dynamics to mapped atomistic time: a Langevin friction per bead type (or a time "
                  "scale) from diffusion coefficients.",
-    "simulate": "Run a CG simulation in OpenMM (Langevin, DCD trajectory, CSV log).",
+    "simulate": "Run a CG simulation in OpenMM (Langevin, DCD trajectory, CSV log); checkpointed and resumable "
+                "(kill -9 included), stopped with an error naming the step and the beads when it goes unhealthy.",
     "analyze": "Compare CG trajectories with the mapped reference: distributions, RDFs, report and plots.",
+    "properties": "Physical properties of a model (or OpenMM System) at a structure: normal modes, phonon "
+                  "dispersion, elastic constants, equivariance audit; properties.json and plots.",
     "demo": "Run every stage on the bundled polyethylene melt into one output folder.",
 }
 
@@ -39,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags override it)")
         for key, spec in options.items():
             flag = "--" + key.replace("_", "-")
-            kw = {"dest": key, "default": None, "help": f"{spec['help']} (default: {spec['default']})"}
+            default = " ".join(spec["default"]) if spec["paths"] else spec["default"]
+            kw = {"dest": key, "default": None, "help": f"{spec['help']} (default: {default})"}
             if spec["type"] is bool:
                 kw["type"] = str
                 kw["metavar"] = "true|false"
@@ -47,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                 kw["type"] = spec["type"]
             if spec["choices"]:
                 kw["choices"] = spec["choices"]
+            if spec["paths"]:  # one file, a quoted glob, or several files
+                kw.update(nargs="+", metavar="PATH", type=str)
             p.add_argument(flag, **kw)
     return parser
 
@@ -63,7 +70,12 @@ def main(argv=None) -> int:
     args = vars(parser.parse_args(argv))
     stage = args.pop("stage")
     config_file = args.pop("config")
+    # Under torchrun (enpcg fit) every rank runs this; rank 0 alone writes the resolved config and reports.
+    worker = os.environ.get("RANK", "0") not in ("", "0")
     try:
+        if stage != "fit" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise EnpcgError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: only `enpcg fit` runs data-parallel under "
+                             f"torchrun. Fix: run `enpcg {stage}` as one process (without torchrun)")
         cfg = resolve_config(stage, config_file, args)
         from . import pipeline
         from .fileio import write_yaml
@@ -71,7 +83,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         result = getattr(pipeline, f"run_{stage}")(**cfg)
         cfg_path = _config_path(stage, cfg)
-        write_yaml(cfg_path, cfg)
+        if not worker:
+            write_yaml(cfg_path, cfg)
     except EnpcgError as e:
         print(f"enpcg {stage}: error: {e}", file=sys.stderr)
         return 2
@@ -79,6 +92,8 @@ def main(argv=None) -> int:
         print(f"enpcg {stage}: interrupted; completed outputs are kept and the stage resumes when run again",
               file=sys.stderr)
         return 130
+    if worker:
+        return 0
     print(f"enpcg {stage}: done in {time.time() - t0:.1f} s")
     for name, path in (result or {}).items():
         print(f"  {name}: {path}")

@@ -1,7 +1,7 @@
 """Stage configuration: defaults, YAML files and command-line overrides.
 
 Each stage of the pipeline (``build``, ``sample``, ``map``, ``fit``, ``train``, ``export``, ``calibrate``,
-``simulate``, ``analyze``, ``demo``) has a flat table of options with defaults (:data:`STAGES`). A stage's configuration is
+``simulate``, ``analyze``, ``properties``, ``demo``) has a flat table of options with defaults (:data:`STAGES`). A stage's configuration is
 resolved as defaults < YAML file < command-line options; unknown keys are rejected with the list of allowed
 ones, and the resolved configuration is written beside the stage's outputs (``<stage>.yaml``).
 
@@ -14,8 +14,11 @@ from pathlib import Path
 from .errors import EnpcgError
 
 
-def _opt(default, help, type=None, choices=None):
-    return {"default": default, "help": help, "type": type or (type_of(default)), "choices": choices}
+def _opt(default, help, type=None, choices=None, paths=False):
+    """An option. ``paths=True`` (type list): one path or glob pattern, or several (a YAML list, or several
+    values after the flag); resolved to a list of str."""
+    return {"default": default, "help": help, "type": type or (type_of(default)), "choices": choices,
+            "paths": paths}
 
 
 def type_of(value):
@@ -55,12 +58,15 @@ STAGES = {
     },
     "map": {
         "mapping": _opt("default", "mapping file (YAML, or VOTCA XML); 'default' = polyethylene 4:1"),
-        "input": _opt("out/atomistic.h5", "atomistic H5MD file with forces"),
+        "input": _opt(["out/atomistic.h5"], "atomistic H5MD file with forces; several files or a quoted glob "
+                      "('out/replicas/*.h5') are replicas mapped into one dataset", type=list, paths=True),
         "atom_pdb": _opt("", "atomistic PDB (needed to resolve atom names of VOTCA XML mappings)"),
         "out": _opt("out/cg", "output folder: cg.h5, cg_topology.json, cg.pdb"),
     },
     "fit": {
-        "data": _opt("out/cg/cg.h5", "CG H5MD dataset (mapped positions and forces)"),
+        "data": _opt(["out/cg/cg.h5"], "CG H5MD dataset (mapped positions and forces); several files or a "
+                     "quoted glob ('out/cg_*/cg.h5') of one mapping are fitted as one dataset", type=list,
+                     paths=True),
         "model": _opt("spline", "model kind (oriented_neural: oriented beads, force-and-torque matching)",
                       choices=["priors", "spline", "neural", "oriented_neural"]),
         "out": _opt("out/model", "output model folder (model.json + model.pt)"),
@@ -138,7 +144,7 @@ STAGES = {
         "model": _opt("out/model", "model folder"),
         "backend": _opt("torch", "force backend", choices=["torch", "python", "native"]),
         "pdb": _opt("out/cg/cg.pdb", "starting CG structure (PDB with box)"),
-        "out": _opt("out/sim", "output folder: trajectory.dcd, log.csv, final.xml"),
+        "out": _opt("out/sim", "output folder: trajectory.dcd, log.csv, final_state.xml (checkpoint.chk while it runs)"),
         "time_ps": _opt(100.0, "simulated time, ps"),
         "timestep": _opt(0.01, "time step, ps"),
         "temperature": _opt(450.0, "temperature, K"),
@@ -148,6 +154,13 @@ STAGES = {
         "report_ps": _opt(1.0, "trajectory and log interval, ps"),
         "platform": _opt("auto", "OpenMM platform: auto, Reference, CPU, CUDA, OpenCL"),
         "seed": _opt(0, "random seed"),
+        "checkpoint_ps": _opt(10.0, "simulated time between checkpoints (checkpoint.chk), rounded to whole "
+                              "reports, ps (0 = no checkpoints)"),
+        "resume": _opt(True, "resume an interrupted simulation from its checkpoint (false: start over)"),
+        "min_distance": _opt("auto", "stop when two non-bonded beads come closer than this, nm: 'auto' = 0.8 x "
+                             "the smallest non-bonded pair distance of the model's training data (its fitted "
+                             "range; else the priors' repulsion sigma), a number, or 'off'"),
+        "max_force": _opt(1e6, "stop when the force on a bead exceeds this, kJ/mol/nm (0 = no limit)"),
     },
     "analyze": {
         "reference": _opt("out/cg/cg.h5", "reference: mapped CG H5MD or any mdtraj-readable trajectory"),
@@ -156,6 +169,31 @@ STAGES = {
                              "mdtraj-readable trajectories to compare"),
         "out": _opt("out/analysis", "output folder: report.md, metrics.json, PNG plots"),
         "skip_ps": _opt(0.0, "simulation time to skip at the start of each trajectory, ps"),
+    },
+    "properties": {
+        "model": _opt("out/model", "model folder (any kind: priors, spline, neural, equivariant, ...), or 'enp' "
+                      "(the shipped equivariant potential of the bundled melt)"),
+        "system": _opt("", "serialized OpenMM System XML (e.g. from `enpcg export`) evaluated instead of --model "
+                       "(finite-difference Hessians and elastic constants) ('' = use --model)"),
+        "pdb": _opt("auto", "structure: positions and box (CRYST1), in the potential's particle order; 'auto' = "
+                    "the bundled melt for --model enp, else out/cg/cg.pdb"),
+        "what": _opt("modes,equivariance", "comma-separated properties: modes, phonons, elastic, equivariance"),
+        "out": _opt("out/properties", "output folder: properties.json and PNG plots"),
+        "periodic": _opt("auto", "use the PDB box: 'auto' (unless the model says periodic: false, or the System "
+                         "is not periodic), 'true', or 'false' (an isolated cluster)",
+                         choices=["auto", "true", "false"]),
+        "minimize": _opt(False, "minimise the energy at the fixed box before modes, phonons and elastic "
+                         "constants (the equivariance audit uses the structure as given: it needs forces)"),
+        "force_tolerance": _opt(1e-4, "RMS force the minimisation aims at, and the largest accepted for elastic "
+                                "constants, kJ/mol/nm"),
+        "supercell": _opt("", "phonons: the structure is n1,n2,n3 unit cells (each its box / n along each box "
+                          "vector), ordered cell by cell with the unit-cell particles in each, as "
+                          "enpcg.properties.crystals.supercell writes them, e.g. 3,3,3"),
+        "k_path": _opt("G:0,0,0;X:0.5,0,0;M:0.5,0.5,0;G:0,0,0;R:0.5,0.5,0.5", "phonons: corners of the "
+                       "dispersion path, LABEL:q1,q2,q3 in fractional coordinates of the unit cell's reciprocal "
+                       "lattice, separated by ';'"),
+        "n_rotations": _opt(4, "equivariance: random proper rotations (and as many improper ones) audited"),
+        "seed": _opt(0, "random seed of the equivariance audit"),
     },
     "demo": {
         "out": _opt("out/demo", "output folder for every stage"),
@@ -175,23 +213,84 @@ STAGES = {
 }
 
 
+def _coerce_paths(stage, key, value, source):
+    """A path option's value (one path or glob pattern, or a list of them) as a list of non-empty str."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(isinstance(v, (str, Path)) and str(v).strip() for v in values):
+        raise EnpcgError(f"{source}: {stage}.{key} must be a path, a glob pattern or a non-empty list of them; you "
+                         f"supplied {_short(value)}. Fix: e.g. {key}: a.h5, {key}: [a.h5, b.h5] or {key}: 'runs/*.h5'")
+    return [str(v) for v in values]
+
+
+def _short(value, limit=80) -> str:
+    """A bounded repr of a value read from a file (nested or aliased YAML is not expanded)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother, r.maxlong = 3, 6, 6, 40, 40, 40
+    return r.repr(value)[:limit]
+
+
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a text (quote it)"}
+
+
 def _coerce(stage, key, value, source):
+    """``value`` as the option's declared type; no silent coercion of bools to numbers, fractions to integers,
+    containers or empty values to text. Raises EnpcgError naming the source, the option and the fix."""
+    import math
+
     spec = STAGES[stage][key]
+    if spec["paths"]:  # a path, a glob pattern or a list of them (several files as one dataset)
+        return _coerce_paths(stage, key, value, source)
     typ = spec["type"]
-    try:
-        if typ is bool and isinstance(value, str):
-            low = value.strip().lower()
-            if low not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            value = low in ("true", "1", "yes")
-        elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+
+    def bad(why=""):
+        return EnpcgError(f"{source}: {stage}.{key} must be {typ.__name__}{why}; you supplied {_short(value)}. Fix: "
+                          f"give {_TYPE_WORDS[typ]}, e.g. {key}: {spec['default']!r}, or delete the line for the "
+                          "default")
+
+    if value is None:
+        raise bad(" (the value is empty)")
+    if isinstance(value, bool):
+        if typ is not bool:
+            raise bad(", not true/false")
+    elif typ is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            value = value.strip().lower() in ("true", "1", "yes")
+        elif isinstance(value, int) and value in (0, 1):
+            value = bool(value)
+        else:
+            raise bad()
+    elif typ is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) <= 2**53:
+            value = int(value)
+        elif isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise bad() from None
+        elif not isinstance(value, int):
+            raise bad()
+    elif typ is float:
+        if isinstance(value, (int, float)):
             value = float(value)
-        elif not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            value = typ(value)
-    except (TypeError, ValueError):
-        raise EnpcgError(f"{source}: {stage}.{key} must be {typ.__name__}; you supplied {value!r}") from None
+        elif isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise bad() from None
+        else:
+            raise bad()
+        if not math.isfinite(value):
+            raise bad(" and finite")
+    elif typ is str:
+        if isinstance(value, (int, float)):
+            value = str(value)  # numeric names, e.g. out: 2024
+        elif not isinstance(value, str):
+            raise bad()
     if spec["choices"] and value not in spec["choices"]:
-        raise EnpcgError(f"{source}: {stage}.{key} must be one of {spec['choices']}; you supplied {value!r}")
+        raise EnpcgError(f"{source}: {stage}.{key} must be one of {spec['choices']}; you supplied {_short(value)}. "
+                         f"Fix: pick one of them")
     return value
 
 
@@ -199,24 +298,40 @@ def resolve_config(stage: str, config_file=None, overrides: dict | None = None) 
     """Defaults < YAML ``config_file`` < ``overrides`` (keys with value None are ignored)."""
     if stage not in STAGES:
         raise EnpcgError(f"unknown stage {stage!r}; stages: {list(STAGES)}")
-    cfg = {k: v["default"] for k, v in STAGES[stage].items()}
+    cfg = {k: list(v["default"]) if v["paths"] else v["default"] for k, v in STAGES[stage].items()}
     if config_file:
         import yaml
 
         path = Path(config_file)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
-            raise EnpcgError(f"{path}: config file not found") from None
+            raise EnpcgError(f"{path}: config file not found. Fix: check the path given to --config") from None
+        except UnicodeDecodeError as e:
+            raise EnpcgError(f"{path}: not a text file ({e}). Fix: pass a YAML config file") from None
+        except OSError as e:  # a directory, no permission
+            raise EnpcgError(f"{path}: cannot read the config file ({e.strerror or e}). Fix: pass the path of a "
+                             "readable YAML file") from None
         except yaml.YAMLError as e:
-            raise EnpcgError(f"{path}: not valid YAML ({e})") from None
+            raise EnpcgError(f"{path}: not valid YAML ({e}). Fix: correct the YAML syntax") from None
+        except RecursionError:
+            raise EnpcgError(f"{path}: YAML nested too deeply. Fix: write `option: value` lines") from None
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise EnpcgError(f"{path}: a config file must be a mapping of option: value; got {type(data).__name__}")
-        if stage in data and isinstance(data[stage], dict) and set(data) <= set(STAGES):
-            data = data[stage]  # a file holding several stages' sections
-        unknown = sorted(set(data) - set(cfg))
+            raise EnpcgError(f"{path}: a config file must be a mapping of option: value; got {type(data).__name__}. "
+                             "Fix: write one `option: value` line per option")
+        if data and all(isinstance(k, str) and k in STAGES for k in data):  # a file of several stages' sections
+            if stage not in data:
+                raise EnpcgError(f"{path}: the file holds sections {sorted(data)} but none for {stage}. Fix: add a "
+                                 f"`{stage}:` section")
+            data = {} if data[stage] is None else data[stage]
+            if not isinstance(data, dict):
+                raise EnpcgError(f"{path}: section {stage} must be a mapping of option: value; got "
+                                 f"{type(data).__name__}. Fix: indent `option: value` lines under `{stage}:`")
+        unknown = sorted((k for k in data if k not in cfg), key=str)
         if unknown:
-            raise EnpcgError(f"{path}: unknown {stage} option(s) {unknown}; allowed: {sorted(cfg)}")
+            raise EnpcgError(f"{path}: unknown {stage} option(s) {[_short(k) for k in unknown]}; allowed: "
+                             f"{sorted(cfg)}. Fix: remove or rename them (options use underscores)")
         for k, v in data.items():
             cfg[k] = _coerce(stage, k, v, str(path))
     for k, v in (overrides or {}).items():

@@ -22,6 +22,7 @@ that was flushed and resumes without gaps or duplicates.
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -464,15 +465,34 @@ def _open(path):
         raise EnpcgError(f"{path}: file not found. Fix: check the path, or create it with `enpcg sample` "
                          "(atomistic) or `enpcg map` (coarse-grained)")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as e:
-        raise EnpcgError(f"{path}: not an HDF5/H5MD file ({e})") from None
-    if "h5md" not in f or "particles" not in f:
-        keys = sorted(f.keys())
-        f.close()
-        raise EnpcgError(f"{path}: not an H5MD file (top-level groups {keys}; /h5md and /particles are "
-                         "required)")
-    return f
+        raise EnpcgError(f"{path}: not an HDF5/H5MD file ({e}). Fix: pass an H5MD file written by `enpcg sample`, "
+                         "`enpcg map` or another H5MD writer") from None
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Open an H5MD file for reading and check its top level. Errors h5py raises on a damaged file (bad
+    object headers, truncated data) become an EnpcgError naming the file."""
+    import h5py
+
+    f = _open(path)
+    try:
+        with f:
+            if "h5md" not in f or "particles" not in f:
+                keys = sorted(f.keys())
+                raise EnpcgError(f"{path}: not an H5MD file (top-level groups {keys}; /h5md and /particles are "
+                                 "required). Fix: pass an H5MD file with positions under /particles")
+            if not isinstance(f["particles"], h5py.Group):
+                raise EnpcgError(f"{path}: /particles is a dataset, not a group; the file is not H5MD. Fix: pass an "
+                                 "H5MD file written by `enpcg sample` or `enpcg map`")
+            yield f
+    except EnpcgError:
+        raise
+    except (OSError, RuntimeError, KeyError) as e:
+        raise EnpcgError(f"{path}: the file is damaged and cannot be read ({type(e).__name__}: {e}). Fix: "
+                         "recreate it (rerun the stage that wrote it, or resume it with the same settings)") from None
 
 
 def _particle_group(f, path):
@@ -481,27 +501,92 @@ def _particle_group(f, path):
         return "particles/all"
     if len(groups) == 1:
         return f"particles/{groups[0]}"
-    raise EnpcgError(f"{path}: /particles holds groups {groups} and none is named 'all'; cannot choose one")
+    raise EnpcgError(f"{path}: /particles holds groups {groups} and none is named 'all'; cannot choose one. Fix: "
+                     "keep one particle group, or name the one to read 'all'")
+
+
+def _dataset(f, key, path, kinds="fiu"):
+    """The dataset at ``key`` (None when absent); EnpcgError when it is a group or its dtype kind is not one
+    of ``kinds`` (numpy kinds: f float, i/u integer, S/U/O text)."""
+    import h5py
+
+    if key not in f:
+        return None
+    ds = f[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise EnpcgError(f"{path}: /{key} is a group, but a dataset belongs there; the file is damaged. Fix: "
+                         "recreate the file")
+    if ds.dtype.kind not in kinds:
+        what = "numbers" if kinds == "fiu" else "text"
+        raise EnpcgError(f"{path}: /{key} holds dtype {ds.dtype}, but {what} belong there; the file is damaged. "
+                         "Fix: recreate the file")
+    return ds
+
+
+def _counter(f, path, n_data, key):
+    """The frame counter (attribute n_frames of /parameters/enpcg), checked against the stored frames."""
+    import h5py
+
+    par = f[PARAMETERS]
+    if not isinstance(par, h5py.Group):
+        raise EnpcgError(f"{path}: /{PARAMETERS} is a dataset, but a group belongs there; the file is damaged. Fix: "
+                         "recreate the file")
+    raw = par.attrs[COUNTER]
+    value = raw.item() if isinstance(raw, np.ndarray) and raw.size == 1 else raw
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise EnpcgError(f"{path}: the frame counter /{PARAMETERS}@{COUNTER} is {value!r}; it must be a whole "
+                         "number >= 0, so the file is damaged. Fix: recreate the file, or resume the run that "
+                         "wrote it")
+    n = int(value)
+    if n > n_data:
+        raise EnpcgError(f"{path}: frame counter says {n} frames but /{key} holds only {n_data}; the file "
+                         "is damaged. Fix: recreate the file, or resume the run that wrote it")
+    return n
 
 
 def _file_n_frames(f, path, pgroup):
     key = f"{pgroup}/position/value"
-    if key not in f:
-        raise EnpcgError(f"{path}: /{pgroup}/position/value is missing: the file holds no positions")
-    n_data = f[key].shape[0]
+    ds = _dataset(f, key, path)
+    if ds is None:
+        raise EnpcgError(f"{path}: /{pgroup}/position/value is missing: the file holds no positions. Fix: pass a "
+                         "trajectory file with positions")
+    if ds.ndim != 3 or ds.shape[2] != 3:
+        raise EnpcgError(f"{path}: /{key} must be shape (F, n, 3); found {ds.shape}. Fix: recreate the file")
+    n_data = ds.shape[0]
     if PARAMETERS in f and COUNTER in f[PARAMETERS].attrs:
-        n = int(f[PARAMETERS].attrs[COUNTER])
-        if n > n_data:
-            raise EnpcgError(f"{path}: frame counter says {n} frames but /{key} holds only {n_data}; the file "
-                             "is damaged")
-        return n
+        return _counter(f, path, n_data, key)
     return n_data  # an H5MD file from another tool: every stored frame counts
 
 
 def n_frames(path) -> int:
     """Number of complete frames in an H5MD file (the counter, or the position count for foreign files)."""
-    with _open(path) as f:
+    with _reading(path) as f:
         return _file_n_frames(f, path, _particle_group(f, path))
+
+
+def data_hash(paths, chunk_bytes=16 * 2**20) -> str:
+    """sha256 hex digest of the frame data of one H5MD file or a sequence of them (in order): the complete
+    frames (the counter) of positions, forces and box edges, as stored (dtype, shape and bytes), read
+    ``chunk_bytes`` at a time, so hashing a large file costs one read of it and little memory. Recorded in a
+    model's metadata as ``training_data_hash``."""
+    import hashlib
+
+    h = hashlib.sha256(b"enpcg-h5md-data/1")
+    for path in ([paths] if isinstance(paths, (str, Path)) else list(paths)):
+        with _reading(path) as f:
+            pg = _particle_group(f, path)
+            n = _file_n_frames(f, path, pg)
+            h.update(f"file n_frames={n}".encode())
+            for key in (f"{pg}/position/value", f"{pg}/force/value", f"{pg}/box/edges/value"):
+                ds = f.get(key)
+                if ds is None or not hasattr(ds, "shape") or not ds.shape:
+                    continue
+                h.update(f"{key.split('/', 2)[-1]} {ds.dtype.str} {(n, *ds.shape[1:])}".encode())
+                per_frame = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+                step = max(1, chunk_bytes // per_frame)
+                for s in range(0, min(n, ds.shape[0]), step):
+                    h.update(np.ascontiguousarray(ds[s:min(s + step, n)]).tobytes())
+    return h.hexdigest()
 
 
 def _frame_index(frames, n, path):
@@ -541,8 +626,58 @@ def _unit_factor(ds, table, kind, path):
         return 1.0
     unit = _str(unit)
     if unit not in table:
-        raise EnpcgError(f"{path}: /{ds.name.lstrip('/')} has {kind} unit {unit!r}; supported: {sorted(table)}")
+        raise EnpcgError(f"{path}: /{ds.name.lstrip('/')} has {kind} unit {unit!r}; supported: {sorted(table)}. "
+                         "Fix: convert the data to one of them (enpcg writes nm, kJ mol-1 nm-1, ps, kJ mol-1)")
     return table[unit]
+
+
+def _json_text(par, name, path, want_dict):
+    """A JSON string dataset of /parameters/enpcg, parsed to check it (EnpcgError naming it if not JSON)."""
+    ds = _dataset(par.file, f"{PARAMETERS}/{name}", path, kinds="SUO")
+    if ds is None:
+        return None
+    raw = ds[()]
+    if not isinstance(raw, (str, bytes)):
+        raise EnpcgError(f"{path}: /{PARAMETERS}/{name} must be one JSON string; found shape {ds.shape}. Fix: "
+                         "recreate the file")
+    text = _str(raw) if isinstance(raw, str) else raw.decode("utf-8", "replace")
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise EnpcgError(f"{path}: /{PARAMETERS}/{name} is not valid JSON ({e}). Fix: recreate the file") from None
+    if want_dict and not isinstance(value, dict):
+        raise EnpcgError(f"{path}: /{PARAMETERS}/{name} must be a JSON object; found {type(value).__name__}. Fix: "
+                         "recreate the file")
+    return text if not want_dict else value
+
+
+def _read_parameters(f, path, n_part):
+    """(masses (n,) amu or None, species (n,) or None, topology JSON text or None, metadata dict)."""
+    import h5py
+
+    masses = species = topo = None
+    metadata = {}
+    if PARAMETERS not in f:
+        return masses, species, topo, metadata
+    par = f[PARAMETERS]
+    if not isinstance(par, h5py.Group):
+        raise EnpcgError(f"{path}: /{PARAMETERS} is a dataset, but a group belongs there; the file is damaged. Fix: "
+                         "recreate the file")
+    ds = _dataset(f, f"{PARAMETERS}/masses", path)
+    if ds is not None:
+        if ds.shape != (n_part,):
+            raise EnpcgError(f"{path}: /{PARAMETERS}/masses has shape {ds.shape}; expected ({n_part},), one mass (amu) "
+                             "per particle. Fix: recreate the file")
+        masses = np.asarray(ds[()], dtype=np.float64)
+    ds = _dataset(f, f"{PARAMETERS}/species", path, kinds="SUO")
+    if ds is not None:
+        if ds.shape != (n_part,):
+            raise EnpcgError(f"{path}: /{PARAMETERS}/species has shape {ds.shape}; expected ({n_part},), one name "
+                             "per particle. Fix: recreate the file")
+        species = [_str(s) for s in ds[()]]
+    topo = _json_text(par, "topology_json", path, want_dict=False)
+    metadata = _json_text(par, "metadata", path, want_dict=True) or {}
+    return masses, species, topo, metadata
 
 
 def read_h5md(path, frames=None, require_forces=True) -> Frames:
@@ -551,23 +686,24 @@ def read_h5md(path, frames=None, require_forces=True) -> Frames:
     path : str or Path. frames : None (all), a slice, an int, an index array or a boolean mask over the
     complete frames. require_forces : raise if the file has no forces (force matching needs them).
     Returns :class:`Frames`. Only the first ``n_frames`` (the counter) frames are visible.
+
+    Every dataset is checked (a dataset, not a group; numbers, not text; the shape that matches the
+    positions; finite positions and forces; JSON parameters that parse), so a damaged or foreign file gives
+    an EnpcgError naming the file and the dataset, never another exception.
     """
     import h5py
 
     path = Path(path)
-    with _open(path) as f:
+    with _reading(path) as f:
         pg = _particle_group(f, path)
         n = _file_n_frames(f, path, pg)
         idx = _frame_index(frames, n, path)
         pos_ds = f[f"{pg}/position/value"]
-        if pos_ds.ndim != 3 or pos_ds.shape[2] != 3:
-            raise EnpcgError(f"{path}: /{pg}/position/value must be shape (F, n, 3); found {pos_ds.shape}")
         n_part = pos_ds.shape[1]
         length = _unit_factor(pos_ds, _TO_NM, "length", path)
         positions = _read_rows(pos_ds, idx, n).astype(np.float64) * length
-        force_key = f"{pg}/force/value"
-        if force_key in f:
-            fds = f[force_key]
+        fds = _dataset(f, f"{pg}/force/value", path)
+        if fds is not None:
             _check_shape(fds, (n, n_part, 3), path)
             forces = _read_rows(fds, idx, n).astype(np.float64) * _unit_factor(fds, _TO_KJ_MOL_NM, "force", path)
         elif require_forces:
@@ -576,49 +712,45 @@ def read_h5md(path, frames=None, require_forces=True) -> Frames:
         else:
             forces = None
 
-        step_key, time_key = f"{pg}/position/step", f"{pg}/position/time"
-        if step_key in f:
-            _check_shape(f[step_key], (n,), path)
-            step = _read_rows(f[step_key], idx, n).astype(np.int64)
+        sds = _dataset(f, f"{pg}/position/step", path)
+        if sds is not None:
+            _check_shape(sds, (n,), path)
+            raw = _read_rows(sds, idx, n)
+            if not np.all(np.isfinite(raw)) or np.any(np.abs(raw) > 2**62):
+                raise EnpcgError(f"{path}: /{sds.name.lstrip('/')} holds steps that are not whole numbers. Fix: "
+                                 "recreate the file")
+            step = raw.astype(np.int64)
         else:
             step = idx.astype(np.int64)
+        time_key = f"{pg}/position/time"
         if time_key in f and isinstance(f[time_key], h5py.Dataset):
-            _check_shape(f[time_key], (n,), path)
-            to_ps = _unit_factor(f[time_key], _TO_PS, "time", path)
-            time = _read_rows(f[time_key], idx, n).astype(np.float64) * to_ps
+            tds = _dataset(f, time_key, path)
+            _check_shape(tds, (n,), path)
+            to_ps = _unit_factor(tds, _TO_PS, "time", path)
+            time = _read_rows(tds, idx, n).astype(np.float64) * to_ps
         else:
             time = np.full(idx.size, np.nan)
 
         box = _read_box(f, pg, idx, n, path)
 
         pe = None
-        if f"{POTENTIAL_ENERGY}/value" in f:
-            eds = f[f"{POTENTIAL_ENERGY}/value"]
+        eds = _dataset(f, f"{POTENTIAL_ENERGY}/value", path)
+        if eds is not None:
             _check_shape(eds, (n,), path)
             pe = _read_rows(eds, idx, n).astype(np.float64) * _unit_factor(eds, _TO_KJ_MOL, "energy", path)
 
         extra = {}
         for name in f[pg]:
             item = f[f"{pg}/{name}"]
-            if name in ("position", "force", "box") or not hasattr(item, "keys") or "value" not in item:
+            if name in ("position", "force", "box") or not isinstance(item, h5py.Group) or "value" not in item:
                 continue
             v = item["value"]
-            if v.ndim == 3 and v.shape[1:] == (n_part, 3):
+            if (isinstance(v, h5py.Dataset) and v.dtype.kind in "fiu" and v.ndim == 3
+                    and v.shape[1:] == (n_part, 3)):
                 _check_shape(v, (n, n_part, 3), path)
                 extra[name] = _read_rows(v, idx, n).astype(np.float64)
 
-        masses = species = topo = None
-        metadata = {}
-        if PARAMETERS in f:
-            par = f[PARAMETERS]
-            if "masses" in par:
-                masses = np.asarray(par["masses"][()], dtype=np.float64)
-            if "species" in par:
-                species = [_str(s) for s in par["species"][()]]
-            if "topology_json" in par:
-                topo = _str(par["topology_json"][()])
-            if "metadata" in par:
-                metadata = json.loads(_str(par["metadata"][()]))
+        masses, species, topo, metadata = _read_parameters(f, path, n_part)
 
     # name the file's frame number, not the position in the selection
     _check_finite(positions, "positions", path, frame_numbers=idx)
@@ -630,26 +762,37 @@ def read_h5md(path, frames=None, require_forces=True) -> Frames:
 
 def _check_shape(ds, expected, path):
     """Datasets may be longer than the counter (an interrupted flush) but never shorter or differently shaped."""
-    if ds.shape[0] < expected[0] or tuple(ds.shape[1:]) != tuple(expected[1:]):
+    if (ds.ndim != len(expected) or ds.shape[0] < expected[0]
+            or tuple(ds.shape[1:]) != tuple(expected[1:])):
         raise EnpcgError(f"{path}: /{ds.name.lstrip('/')} has shape {ds.shape}; expected ({expected[0]}"
-                         f"{''.join(', ' + str(s) for s in expected[1:])}) to match the positions")
+                         f"{''.join(', ' + str(s) for s in expected[1:])}) to match the positions. Fix: recreate "
+                         "the file, or drop the dataset")
 
 
 def _read_box(f, pg, idx, n, path):
+    import h5py
+
     key = f"{pg}/box/edges"
     if key not in f:
         return None
     item = f[key]
-    if hasattr(item, "keys"):  # time-dependent: edges/value
-        ds = item["value"]
+    if isinstance(item, h5py.Group):  # time-dependent: edges/value
+        ds = _dataset(f, f"{key}/value", path)
+        if ds is None:
+            raise EnpcgError(f"{path}: /{key} is a group without its 'value' dataset; the file is damaged. Fix: "
+                             "recreate the file")
+        if ds.ndim not in (2, 3):
+            raise EnpcgError(f"{path}: /{key}/value has shape {ds.shape}; expected (F, 3, 3) or (F, 3). Fix: "
+                             "recreate the file")
         _check_shape(ds, (n, *ds.shape[1:]), path)
         edges = _read_rows(ds, idx, n).astype(np.float64)
     else:  # time-independent box
-        ds = item
+        ds = _dataset(f, key, path)
         edges = np.broadcast_to(ds[()].astype(np.float64), (idx.size, *ds.shape))
     edges = edges * _unit_factor(ds, _TO_NM, "length", path)
     if edges.shape[1:] == (3,):
         return np.stack([np.diag(e) for e in edges]) if len(edges) else np.zeros((0, 3, 3))
     if edges.shape[1:] != (3, 3):
-        raise EnpcgError(f"{path}: /{key} has shape {edges.shape}; expected (F, 3, 3) or (F, 3)")
+        raise EnpcgError(f"{path}: /{key} has shape {edges.shape}; expected (F, 3, 3) or (F, 3). Fix: recreate "
+                         "the file")
     return np.array(edges)

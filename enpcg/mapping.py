@@ -83,20 +83,29 @@ class _MoleculeSpec:
     bead_orientations: list = None  # per bead None or (kind, [atom index arrays]) with global indices
 
 
+def _short(x, limit=80) -> str:
+    """A bounded repr of a value read from a file (nested and aliased YAML structures are not expanded)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother, r.maxlong = 3, 6, 6, 6, 40, 40, 40
+    return r.repr(x)[:limit]
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _require_int(value, source, where, minimum):
     if not _is_int(value) or value < minimum:
-        raise input_error(f"must be an integer >= {minimum}; received {value!r}", path=source, field=where,
+        raise input_error(f"must be an integer >= {minimum}; received {_short(value)}", path=source, field=where,
                           fix=f"give a whole number >= {minimum}")
     return int(value)
 
 
 def _require_name(value, source, where):
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
-        raise input_error(f"must be a non-empty name; received {value!r}", path=source, field=where,
+        raise input_error(f"must be a non-empty name; received {_short(value)}", path=source, field=where,
                           fix="give a short text name")
     return str(value).strip()
 
@@ -104,7 +113,7 @@ def _require_name(value, source, where):
 def _check_keys(d, allowed, source, where, required=()):
     if not isinstance(d, dict):
         raise input_error(f"must be a mapping with keys {list(allowed)}; received {type(d).__name__} "
-                          f"{repr(d)[:80]}", path=source, field=where, fix="write it as `key: value` lines")
+                          f"{_short(d)}", path=source, field=where, fix="write it as `key: value` lines")
     unknown = [k for k in d if k not in allowed]
     if unknown:
         raise input_error(f"unknown key(s) {unknown}; allowed keys: {list(allowed)}", path=source, field=where,
@@ -123,9 +132,13 @@ def _weight_spec(value, source, where, n):
                               path=source, field=where, fix="use mass (centre of mass) or geometry")
         return value
     if not isinstance(value, (list, tuple, np.ndarray)) or any(isinstance(v, (bool, str)) for v in value):
-        raise input_error(f"must be {list(WEIGHT_SCHEMES)} or a list of numbers; received {repr(value)[:80]}",
+        raise input_error(f"must be {list(WEIGHT_SCHEMES)} or a list of numbers; received {_short(value)}",
                           path=source, field=where, fix="give one non-negative number per atom of the bead")
-    w = np.asarray(value, dtype=np.float64)
+    try:
+        w = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):  # nested lists, dicts, None-like entries
+        raise input_error(f"must be {list(WEIGHT_SCHEMES)} or a flat list of numbers; received {_short(value)}",
+                          path=source, field=where, fix="give one non-negative number per atom of the bead") from None
     if w.shape != (n,):
         raise input_error(f"has {w.size} weights but the bead has {n} atoms", path=source, field=where,
                           fix="give exactly one weight per atom, in the order of the bead's atoms")
@@ -290,7 +303,7 @@ class Mapping:
                 raise input_error(f"bead name {x!r} is not unique in the molecule", path=self.source,
                                   field=label, fix="use bead indices or unique bead names")
             return lookup[x][0]
-        raise input_error(f"bead references must be indices or names; received {x!r}", path=self.source,
+        raise input_error(f"bead references must be indices or names; received {_short(x)}", path=self.source,
                           field=label, fix="use 0-based bead indices")
 
     # ------------------------------------------------------------------------------- sizes and matrices
@@ -494,11 +507,14 @@ def _parse_yaml(text, source, n_atoms):
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise input_error(f"not valid YAML ({e})", path=source, fix="fix the YAML syntax") from None
+    except RecursionError:
+        raise input_error("not a mapping file: YAML nested too deeply to read", path=source,
+                          fix="write the mapping as documented in docs/conventions.md") from None
     _check_keys(doc, YAML_TOP_KEYS, source, "top level", required=("molecules",))
     exclusion_bonds = _require_int(doc.get("exclusion_bonds", 2), source, "exclusion_bonds", 0)
     mols = doc["molecules"]
     if not isinstance(mols, list) or not mols:
-        raise input_error(f"must be a non-empty list of molecule templates; received {repr(mols)[:80]}",
+        raise input_error(f"must be a non-empty list of molecule templates; received {_short(mols)}",
                           path=source, field="molecules", fix="list at least one molecule (see docs/conventions.md)")
     specs = []
     offset = 0
@@ -523,7 +539,7 @@ def _parse_yaml(text, source, n_atoms):
         default_w = mol.get("weights", "mass")
         if not isinstance(default_w, str):
             raise input_error(f"molecule-level weights must be one of {list(WEIGHT_SCHEMES)}; received "
-                              f"{repr(default_w)[:80]}", path=source, field=f"{where}.weights",
+                              f"{_short(default_w)}", path=source, field=f"{where}.weights",
                               fix="put explicit weight lists on the beads instead")
         _weight_spec(default_w, source, f"{where}.weights", 0)
         beads, terms = _yaml_beads(mol, source, where, n_mol, default_w)
@@ -547,19 +563,19 @@ def _yaml_orientation(spec, source, where, n_mol):
     fix = ("write `orientation: {frame: [A, B, C]}` (e_x along B - A, e_y towards C) or "
            "`orientation: {director: [A, B]}`, each point an atom index or a list of atom indices")
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ORIENTATION_POINTS:
-        raise input_error(f"must be a mapping with one key, frame or director; received {repr(spec)[:80]}",
+        raise input_error(f"must be a mapping with one key, frame or director; received {_short(spec)}",
                           path=source, field=where, fix=fix)
     kind, points = next(iter(spec.items()))
     need = ORIENTATION_POINTS[kind]
     if not isinstance(points, list) or len(points) != need:
         raise input_error(f"{kind} needs {need} points (atom indices or lists of them); received "
-                          f"{repr(points)[:80]}", path=source, field=f"{where}.{kind}", fix=fix)
+                          f"{_short(points)}", path=source, field=f"{where}.{kind}", fix=fix)
     groups = []
     for k, p in enumerate(points):
         g = [p] if _is_int(p) else p
         if not isinstance(g, list) or not g or not all(_is_int(a) for a in g):
             raise input_error(f"point {k} must be an atom index or a non-empty list of atom indices; received "
-                              f"{p!r}", path=source, field=f"{where}.{kind}[{k}]", fix=fix)
+                              f"{_short(p)}", path=source, field=f"{where}.{kind}[{k}]", fix=fix)
         bad = [a for a in g if not 0 <= a < n_mol]
         if bad:
             raise input_error(f"atom index {bad[0]} does not exist (0..{n_mol - 1} within the molecule)",
@@ -595,7 +611,7 @@ def _yaml_beads(mol, source, where, n_mol, default_w):
     else:
         raw = mol["beads"]
         if not isinstance(raw, list):
-            raise input_error(f"must be a list of beads; received {repr(raw)[:80]}", path=source,
+            raise input_error(f"must be a list of beads; received {_short(raw)}", path=source,
                               field=f"{where}.beads", fix="write `beads: [{name: B1, type: A, atoms: [0, 1]}, ...]`")
         for b, bead in enumerate(raw):
             bw = f"{where}.beads[{b}]"
@@ -604,7 +620,7 @@ def _yaml_beads(mol, source, where, n_mol, default_w):
             btype = _require_name(bead["type"], source, f"{bw}.type")
             atoms = bead["atoms"]
             if not isinstance(atoms, list) or not all(_is_int(a) for a in atoms):
-                raise input_error(f"must be a list of 0-based atom indices; received {repr(atoms)[:80]}",
+                raise input_error(f"must be a list of 0-based atom indices; received {_short(atoms)}",
                                   path=source, field=f"{bw}.atoms", fix="write e.g. atoms: [0, 1, 2]")
             if not atoms:
                 raise input_error("bead has no atoms", path=source, field=f"{bw}.atoms",
@@ -623,7 +639,7 @@ def _yaml_beads(mol, source, where, n_mol, default_w):
             raw = mol[kind]
             if not isinstance(raw, list) or not all(isinstance(t, (list, tuple)) for t in raw):
                 example = list(range(width))
-                raise input_error(f"must be a list of {width}-bead lists; received {repr(raw)[:80]}",
+                raise input_error(f"must be a list of {width}-bead lists; received {_short(raw)}",
                                   path=source, field=f"{where}.{kind}", fix=f"write e.g. {kind}: [{example}]")
             terms[kind] = [(f"{where}.{kind}[{k}]", list(t)) for k, t in enumerate(raw)]
         elif terms[kind] is None:
@@ -826,6 +842,12 @@ def _is_votca(path, text):
     return text.lstrip().startswith("<")
 
 
+def _unknown_masses(path):
+    return input_error("atom masses are unknown (needed for bead masses and mass weights)", path=path,
+                       field="masses", fix="pass masses= (amu, one per atom), e.g. the masses stored in the "
+                       "atomistic H5MD file, or an atom_topology whose atoms have elements")
+
+
 def load_mapping(path, atom_topology=None, n_atoms=None, masses=None) -> Mapping:
     """Read a mapping file (enpcg YAML or VOTCA XML, by extension, else by content).
 
@@ -840,6 +862,12 @@ def load_mapping(path, atom_topology=None, n_atoms=None, masses=None) -> Mapping
         text = path.read_text()
     except FileNotFoundError:
         raise input_error("mapping file not found", path=path, fix="check the path") from None
+    except UnicodeDecodeError as e:
+        raise input_error(f"not a text file ({e})", path=path,
+                          fix="pass a YAML or VOTCA XML mapping file (UTF-8 text)") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise input_error(f"cannot read the mapping file ({e.strerror or e})", path=path,
+                          fix="pass the path of a readable mapping file") from None
     sizes = {}
     if n_atoms is not None:
         sizes["n_atoms"] = _require_int(n_atoms, path, "n_atoms argument", 1)
@@ -856,6 +884,8 @@ def load_mapping(path, atom_topology=None, n_atoms=None, masses=None) -> Mapping
         raise input_error(f"atom counts disagree: {sizes}", path=path, field="n_atoms",
                           fix="pass the topology, masses and n_atoms of the same system")
     n = next(iter(sizes.values()), None)
+    if n is None:  # neither masses nor a topology: refuse before expanding the file's molecule counts
+        raise _unknown_masses(path)
     if _is_votca(path, text):
         specs = _parse_votca(text, path, atom_topology)
         exclusion_bonds = 2
@@ -865,9 +895,7 @@ def load_mapping(path, atom_topology=None, n_atoms=None, masses=None) -> Mapping
     if masses is None:
         masses = top_masses
     if masses is None:
-        raise input_error("atom masses are unknown (needed for bead masses and mass weights)", path=path,
-                          field="masses", fix="pass masses= (amu, one per atom), e.g. the masses stored in the "
-                          "atomistic H5MD file, or an atom_topology whose atoms have elements")
+        raise _unknown_masses(path)
     if not np.all(np.isfinite(masses)) or np.any(masses < 0):
         raise input_error("atom masses must be finite and >= 0 amu", path=path, field="masses",
                           fix="pass the system's particle masses")

@@ -6,6 +6,9 @@ end of equilibration, so steps are unique and increasing across restarts.
 Resume protocol: at every flush the frames go to disk first (data, then the frame counter) and the OpenMM
 checkpoint is saved after (atomically). A later call with the same ``out_path`` loads the checkpoint, drops
 any frame written after it (a crash between the two writes), and continues to ``n_frames``.
+
+Crash test: ``ENPCG_KILL_AT=sample:<frames>[:mid]`` SIGKILLs the process at a checkpoint
+(:mod:`enpcg.crash_test`); tests/test_crash_safety.py resumes it and compares with an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 import openmm as mm
 from openmm import app, unit
 
+from enpcg.crash_test import maybe_kill
 from enpcg.errors import EnpcgError
 from enpcg.fileio import atomic_path
 
@@ -94,10 +98,16 @@ def _box_nm(box, topology, system):
 STOP_ENV = "ENPCG_SAMPLE_STOP_AFTER_CHECKPOINT"
 
 
-def _save_checkpoint(simulation, path):
+def _save_checkpoint(simulation, path, index):
+    """Write the OpenMM checkpoint atomically (temporary file, fsync, rename). ``index``: frames in the file
+    at this checkpoint (the ``ENPCG_KILL_AT`` test hook's n, see :mod:`enpcg.crash_test`)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             simulation.saveCheckpoint(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        maybe_kill("sample", index, "mid")  # frames flushed and counted, new checkpoint not yet in place
+    maybe_kill("sample", index)  # frames and their checkpoint on disk
     stop_after = os.environ.get(STOP_ENV)
     if stop_after:
         _save_checkpoint.count = getattr(_save_checkpoint, "count", 0) + 1
@@ -172,6 +182,8 @@ def sample(system, topology, positions, out_path, *, n_frames, interval_steps, t
                              "cannot continue without a gap. Fix: pass checkpoint_path, or delete the file to "
                              "start over")
     resume = out_path.exists() and chk.exists()
+    for stale in chk.parent.glob(f".{chk.name}.*.tmp*"):  # a checkpoint a killed run had not renamed yet
+        stale.unlink(missing_ok=True)
     if chk.exists() and not out_path.exists():
         warnings.warn(f"{chk}: ignoring a checkpoint whose trajectory {out_path} does not exist; starting over")
 
@@ -183,7 +195,8 @@ def sample(system, topology, positions, out_path, *, n_frames, interval_steps, t
     integrator.setRandomNumberSeed(openmm_seed(seed))
     simulation = app.Simulation(topology, system, integrator, platform, platform_properties(platform))
     reporter = H5MDReporter(out_path, interval_steps, resume=resume, flush_every=flush_every,
-                            metadata=metadata, on_flush=lambda sim: _save_checkpoint(sim, chk))
+                            metadata=metadata,
+                            on_flush=lambda sim: _save_checkpoint(sim, chk, reporter.writer.n_committed))
 
     if resume:
         try:
@@ -215,7 +228,7 @@ def sample(system, topology, positions, out_path, *, n_frames, interval_steps, t
             _step_with_bar(simulation, int(equilibration_steps), "equilibrate", progress)
         simulation.context.setTime(0.0)
         simulation.currentStep = 0
-        _save_checkpoint(simulation, chk)
+        _save_checkpoint(simulation, chk, 0)
         k = 0
 
     simulation.reporters.append(reporter)

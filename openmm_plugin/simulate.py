@@ -7,12 +7,40 @@ Units: nm, ps, K, kJ/mol. Outputs in ``out_dir``:
   (kJ/mol), temperature (K), speed (ns/day), comma-separated, header line starting with ``#``;
 * ``final_state.xml``: the final OpenMM State (positions, velocities, box).
 
-Each is written under a temporary name beside its target and renamed only when the run has finished, so an
-interrupted run leaves no file that looks complete.
+Health checks (:class:`openmm_plugin.reporters.HealthReporter`) run at every report, before the frame is
+written: a NaN energy, a force above a limit, a bead that moved more than a box width since the last report,
+or (with a limit) a non-bonded bead pair closer than the model's fitted range stops the run with an
+EnpcgError naming the step and the beads. The starting state is checked for NaN and overlapping beads.
+
+Without checkpoints (``checkpoint_interval=None``) each output is written under a temporary name beside its
+target and renamed only when the run has finished, so an interrupted run leaves no file that looks complete.
+
+With checkpoints (``enpcg simulate`` always uses them) the run survives a ``kill -9``:
+
+* ``trajectory.partial.dcd`` and ``log.partial.csv`` grow by one frame and one row per report (each flushed);
+* ``checkpoint.chk`` (OpenMM ``Simulation.saveCheckpoint``: positions, velocities, step, time and the
+  integrator's random state) is replaced atomically every ``checkpoint_interval`` steps, after the frames and
+  rows it covers are flushed and fsync'ed, so it never describes frames that are not on disk;
+* ``run.json`` holds the settings and starting structure (sha256) the checkpoint belongs to, and marks the
+  run complete at the end.
+
+A call with ``resume=True`` that finds an unfinished run of the same settings loads the checkpoint, cuts the
+partial DCD and log back to the frames the checkpoint covers (frames written after it, or half-written by the
+killed process, are redone), and continues: on the Reference and CPU platforms the result is bitwise the
+uninterrupted run (the checkpoint holds the random state). At the end ``final_state.xml`` is written, the
+partial files are renamed to ``trajectory.dcd`` and ``log.csv``, and ``run.json`` is marked complete; a later
+call with the same settings returns at once. After a failed health check the last good checkpoint is kept
+(``Simulation.loadCheckpoint`` reads it back). Test hook: ``ENPCG_KILL_AT=simulate:<frames>[:mid]``
+(:mod:`enpcg.crash_test`).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
 import time
 import warnings
 from pathlib import Path
@@ -23,11 +51,13 @@ import torch  # noqa: F401  (before openmm: OpenMM's plugin loader needs libtorc
 import openmm
 from openmm import app, unit
 
+from enpcg.crash_test import maybe_kill
 from enpcg.errors import EnpcgError
-from enpcg.fileio import atomic_path
+from enpcg.fileio import atomic_path, write_json
 
 from .sampling import best_platform, openmm_seed, platform_properties
 from .integrators import attach, langevin_integrator
+from .reporters import HEALTH_FIX, HealthLimits, HealthReporter, SimulationHealthError
 
 
 class _ProgressReporter:
@@ -109,10 +139,176 @@ def _add_mapped_time(path, time_scale):
     Path(path).write_text("\n".join(out) + "\n")
 
 
+CHECKPOINT = "checkpoint.chk"
+RUN_JSON = "run.json"
+PARTIAL = {"trajectory": "trajectory.partial.dcd", "log": "log.partial.csv"}
+
+
+class _Outputs:
+    """One OpenMM reporter for every output, so that their order within a report is fixed: the health check
+    first (a failing state is never written), then the DCD frame and the log line (each flushed by OpenMM's
+    writers), then, every ``checkpoint_interval`` steps, the checkpoint (after the frame and line are on disk).
+    """
+
+    def __init__(self, interval, health, dcd, log, wrap, checkpoint=None, checkpoint_interval=None, frames=0):
+        self._interval = int(interval)
+        self.health, self.dcd, self.log, self._wrap = health, dcd, log, bool(wrap)
+        self._checkpoint, self._checkpoint_interval = checkpoint, checkpoint_interval
+        self.frames = int(frames)  # frames in the trajectory so far (resumed runs start at the checkpoint's)
+
+    def describeNextReport(self, simulation):  # OpenMM reporter protocol (camelCase)
+        steps = self._interval - simulation.currentStep % self._interval
+        return {"steps": steps, "periodic": False, "include": ["positions", "forces", "energy"]}
+
+    def report(self, simulation, state):
+        self.health.check(simulation, state)
+        # The DCD keeps what OpenMM's DCDReporter writes by default: molecules wrapped into the box.
+        frame = simulation.context.getState(getPositions=True, enforcePeriodicBox=True) if self._wrap else state
+        self.dcd.report(simulation, frame)
+        self.log.report(simulation, state)
+        self.frames += 1
+        if self._checkpoint is not None and simulation.currentStep % self._checkpoint_interval == 0:
+            self._checkpoint(simulation, self.frames)
+
+
+def _sync(fh):
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _save_checkpoint(simulation, path, index, files=()):
+    """Flush and fsync the growing outputs, then write the OpenMM checkpoint atomically (temporary file,
+    fsync, rename): the checkpoint never describes frames that are not on disk. ``index``: frames in the
+    trajectory (the ``ENPCG_KILL_AT=simulate:<n>`` test hook, :mod:`enpcg.crash_test`)."""
+    for fh in files:
+        _sync(fh)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            simulation.saveCheckpoint(fh)
+            _sync(fh)
+        maybe_kill("simulate", index, "mid")  # frames appended, new checkpoint not yet renamed into place
+    maybe_kill("simulate", index)  # frames and their checkpoint on disk
+
+
+def _dcd_layout(path):
+    """(header bytes, bytes per frame) of a DCD written by OpenMM's DCDFile (CHARMM layout, little-endian)."""
+    with open(path, "rb") as fh:
+        head = fh.read(96)
+        if len(head) < 96 or head[4:8] != b"CORD" or struct.unpack("<i", head[:4])[0] != 84:
+            raise EnpcgError(f"{path}: not a DCD file written by OpenMM (bad header); cannot resume. Fix: rerun "
+                             "with resume off (--resume false) to start over")
+        has_box = struct.unpack("<i", head[48:52])[0] != 0
+        comments = struct.unpack("<i", head[92:96])[0]
+        fh.seek(104 + comments)
+        n_atoms = struct.unpack("<i", fh.read(4))[0]
+    return 112 + comments, (56 if has_box else 0) + 3 * (8 + 4 * n_atoms)
+
+
+def _truncate_dcd(path, n_frames, interval):
+    """Cut a growing DCD back to its first ``n_frames`` frames (frames written after the last checkpoint, or
+    half-written by a killed process) and set the header's frame count and last step to match."""
+    header, frame = _dcd_layout(path)
+    size = os.path.getsize(path)
+    if size < header + n_frames * frame:
+        raise EnpcgError(f"{path}: holds {(size - header) // frame} complete frames but the checkpoint is at frame "
+                         f"{n_frames}; the file was damaged. Fix: rerun with resume off (--resume false)")
+    with open(path, "r+b") as fh:
+        fh.truncate(header + n_frames * frame)
+        fh.seek(8)
+        fh.write(struct.pack("<i", n_frames))
+        fh.seek(20)  # DCDFile's first step is the report interval; this field is the last frame's step
+        fh.write(struct.pack("<i", n_frames * interval if n_frames else 0))
+        _sync(fh)
+
+
+def _truncate_log(path, n_rows):
+    """Keep the header line and the first ``n_rows`` complete rows of a growing CSV log."""
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    complete = lines[:-1]  # the last piece has no newline: empty, or a row cut short by a kill
+    if not complete or not complete[0].startswith(b"#") or len(complete) - 1 < n_rows:
+        raise EnpcgError(f"{path}: holds {max(len(complete) - 1, 0)} complete rows but the checkpoint is at row "
+                         f"{n_rows}; the file was damaged. Fix: rerun with resume off (--resume false)")
+    with open(path, "r+b") as fh:
+        fh.truncate(sum(len(line) + 1 for line in complete[: n_rows + 1]))
+        _sync(fh)
+
+
+def _start_state(simulation, pos, box, minimize, temperature, seed):
+    if box is not None:
+        simulation.context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+    simulation.context.setPositions(pos)
+    if minimize:
+        simulation.minimizeEnergy(maxIterations=1000)
+    simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, openmm_seed(seed))
+
+
+def _check_now(simulation, health):
+    """Health check of the current state (the start, or a resumed checkpoint); sets the displacement baseline."""
+    state = simulation.context.getState(getPositions=True, getForces=True, getEnergy=True,
+                                        enforcePeriodicBox=False)
+    health.check(simulation, state, start=True)
+
+
+def _failure(e, simulation, steps, timestep, checkpoint_note=""):
+    """EnpcgError for a failed run: the step, the beads and the fix (``e``: SimulationHealthError, or the
+    exception OpenMM raised on NaN coordinates)."""
+    step = simulation.currentStep
+    if isinstance(e, SimulationHealthError):
+        what = "; ".join(e.problems)
+        step = e.step
+    else:  # OpenMM stopped inside a step: name the beads whose coordinates are no longer finite
+        what = str(e)
+        try:
+            pos = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value
+            bad = np.flatnonzero(~np.isfinite(np.asarray(pos)).all(axis=1))
+            if bad.size:
+                atoms = list(simulation.topology.atoms())
+                what += "; non-finite positions of " + ", ".join(
+                    f"bead {i} ({atoms[i].name}, {atoms[i].residue.name} {atoms[i].residue.index})"
+                    for i in bad[:5]) + (f" and {bad.size - 5} more" if bad.size > 5 else "")
+        except Exception:  # the state itself may be unreadable after a blow-up; the step is still named
+            pass
+    return EnpcgError(f"CG simulation failed at step {step} of {steps} ({what}).{checkpoint_note} "
+                      f"{HEALTH_FIX.replace('a smaller time step', f'a smaller time step than {timestep} ps')}")
+
+
+# Forces whose serialization is not byte-stable between processes, hashed by name only: TorchForce (measured:
+# the embedded TorchScript archive differs from one export to the next; System.getForces() returns it as a
+# plain openmm.Force, which names any plugin force) and PythonForce (a pickle).
+_UNSTABLE_XML = ("PythonForce", "TorchForce", "Force")
+
+
+def _system_sha256(system):
+    """sha256 of the System: masses, and each force's XML serialization (its parameters and tables). A
+    TorchForce or PythonForce counts by name only (see ``_UNSTABLE_XML``); callers pass the model's identity
+    for those (``identity``; ``enpcg simulate`` passes the model files' sha256)."""
+    h = hashlib.sha256(np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
+                                 for i in range(system.getNumParticles())]).tobytes())
+    for i in range(system.getNumForces()):
+        force = system.getForce(i)
+        h.update(type(force).__name__.encode())
+        if type(force).__name__ not in _UNSTABLE_XML:
+            h.update(openmm.XmlSerializer.serialize(force).encode())
+    return h.hexdigest()
+
+
+def _fingerprint(system, pos, box, settings):
+    """What must match for a checkpoint to be resumed: run settings, the System (particles, forces and their
+    parameters), the starting structure (sha256 of positions and box as float64 bytes)."""
+    h = hashlib.sha256(np.ascontiguousarray(pos, dtype=np.float64).tobytes())
+    if box is not None:
+        h.update(np.ascontiguousarray(box, dtype=np.float64).tobytes())
+    return {**settings, "n_particles": system.getNumParticles(), "system_sha256": _system_sha256(system),
+            "start_sha256": h.hexdigest()}
+
+
 def run_simulation(system: openmm.System, topology: app.Topology, positions, box, out_dir, *, steps: int,
                    timestep: float = 0.005, temperature: float = 450.0, friction=1.0,
                    report_interval: Optional[int] = None, platform=None, seed: int = 0, minimize: bool = True,
-                   progress: bool = True, precision: Optional[str] = None, time_scale: float = 1.0) -> dict:
+                   progress: bool = True, precision: Optional[str] = None, time_scale: float = 1.0,
+                   checkpoint_interval: Optional[int] = None, resume: bool = True,
+                   health: Optional[HealthLimits] = None, identity: Optional[dict] = None) -> dict:
     """Langevin dynamics (LangevinMiddleIntegrator) of ``system``, writing DCD, CSV log and final state.
 
     Parameters
@@ -137,11 +333,23 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
     precision : "single" | "mixed" | "double" | None, for platforms that have a Precision property
     time_scale : float, mapped atomistic time per CG time (``DynamicsCalibration.time_scale``); when not 1 the
         log gets a column "Mapped time (ps)" = time_scale x CG time
+    checkpoint_interval : int, steps between checkpoints (a multiple of ``report_interval``), or None for no
+        checkpoints. With checkpoints the run survives a kill (``kill -9`` included) and continues where its
+        last checkpoint left it: see the module docstring for the files and the protocol.
+    resume : bool, with checkpoints: continue an interrupted run found in ``out_dir`` (same settings, System
+        and starting structure; another one is refused with an EnpcgError rather than overwritten), or return
+        at once if it has finished (a finished run of other settings is replaced); False starts over.
+    health : :class:`openmm_plugin.reporters.HealthLimits`, checked at the start and at every report (default:
+        forces up to 1e6 kJ/mol/nm, no bead moving more than a box width between reports, finite energies;
+        no pair-distance limit). A failed check stops the run with an EnpcgError naming the step and the beads.
+    identity : dict, JSON-able values a resumed run must also match (``enpcg simulate``: the model files'
+        sha256, which covers a PythonForce that the System hash cannot)
 
     Returns
     -------
-    dict with ``trajectory``, ``log``, ``final_state`` (Paths), ``ns_per_day`` (float, dynamics only),
-    ``wall_s``, ``platform`` (name), ``steps``, ``report_interval``, ``n_frames``.
+    dict with ``trajectory``, ``log``, ``final_state`` (Paths), ``ns_per_day`` (float, dynamics of this call
+    only), ``wall_s``, ``platform`` (name), ``steps``, ``report_interval``, ``n_frames``; with checkpoints also
+    ``checkpoint`` (Path) and ``resumed_from_step`` (int, 0 for a fresh run).
     """
     n = system.getNumParticles()
     if not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -152,6 +360,13 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
     if not isinstance(report_interval, (int, np.integer)) or report_interval < 1:
         raise EnpcgError(f"report_interval must be a positive integer (steps); you supplied {report_interval!r}")
     report_interval = int(report_interval)
+    if checkpoint_interval is not None:
+        if (not isinstance(checkpoint_interval, (int, np.integer)) or checkpoint_interval < 1
+                or checkpoint_interval % report_interval):
+            raise EnpcgError(f"checkpoint_interval must be a positive multiple of report_interval "
+                             f"({report_interval} steps) or None; you supplied {checkpoint_interval!r}. Fix: e.g. "
+                             f"checkpoint_interval={10 * report_interval}")
+        checkpoint_interval = int(checkpoint_interval)
     for name, value in (("timestep", timestep), ("temperature", temperature), ("time_scale", time_scale)):
         if not float(value) > 0:
             raise EnpcgError(f"{name} must be > 0; you supplied {value!r}")
@@ -162,6 +377,7 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
     box = _box_nm(box)
     if box is not None and topology.getPeriodicBoxVectors() is None:
         topology.setPeriodicBoxVectors([openmm.Vec3(*row) for row in box] * unit.nanometer)
+    health = HealthLimits() if health is None else health
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,13 +389,35 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
     integrator.setRandomNumberSeed(openmm_seed(seed))
     simulation = app.Simulation(topology, system, integrator, plat, props)
     attach(integrator)
-    if box is not None:
-        simulation.context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
-    simulation.context.setPositions(pos)
-    if minimize:
-        simulation.minimizeEnergy(maxIterations=1000)
-    simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, openmm_seed(seed))
+    checker = HealthReporter(report_interval, health)
+    wrap = system.usesPeriodicBoundaryConditions()
+    run = dict(simulation=simulation, checker=checker, wrap=wrap, pos=pos, box=box, steps=steps,
+               timestep=timestep, temperature=temperature, report_interval=report_interval, seed=seed,
+               minimize=minimize, progress=progress, time_scale=time_scale, paths=paths)
+    if checkpoint_interval is None:
+        return _run_once(**run)
+    friction_key = np.asarray(friction, dtype=np.float64).ravel()
+    # one value per particle: its sha256 (run.json stays short)
+    friction_key = (friction_key.tolist() if friction_key.size <= 8 else
+                    "sha256:" + hashlib.sha256(np.ascontiguousarray(friction_key).tobytes()).hexdigest())
+    settings = {"timestep_ps": float(timestep), "temperature_K": float(temperature), "friction_per_ps": friction_key,
+                "report_interval": report_interval, "checkpoint_interval": checkpoint_interval, "seed": int(seed),
+                "minimize": bool(minimize), "time_scale": float(time_scale), "platform": plat.getName(),
+                **(identity or {})}
+    return _run_checkpointed(**run, out_dir=out_dir, checkpoint_interval=checkpoint_interval, resume=resume,
+                             fingerprint=_fingerprint(system, pos, box, settings))
 
+
+def _result(paths, wall, steps_run, timestep, plat_name, steps, report_interval, **extra):
+    ns_per_day = steps_run * timestep * 1e-3 / (wall / 86400.0) if wall > 0 else float("inf")
+    return {**paths, "ns_per_day": float(ns_per_day), "wall_s": float(wall), "platform": plat_name,
+            "steps": steps, "report_interval": report_interval, "n_frames": steps // report_interval, **extra}
+
+
+def _run_once(simulation, checker, wrap, pos, box, steps, timestep, temperature, report_interval, seed, minimize,
+              progress, time_scale, paths):
+    """No checkpoints: every output is written under a temporary name and renamed when the run has finished."""
+    _start_state(simulation, pos, box, minimize, temperature, seed)
     with contextlib.ExitStack() as stack:
         tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
         log_fh = stack.enter_context(open(tmp["log"], "w"))
@@ -191,15 +429,15 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
         bar = _ProgressReporter(steps, report_interval, progress)
         stack.callback(bar.close)
         bar.start(simulation.currentStep)
-        simulation.reporters.extend([dcd, log, bar])
+        simulation.reporters.extend([_Outputs(report_interval, checker, dcd, log, wrap), bar])
         t0 = time.perf_counter()
         try:
+            _check_now(simulation, checker)
             simulation.step(steps)
-        except (openmm.OpenMMException, ValueError) as e:  # OpenMM: NaN coordinates; StateDataReporter: NaN energy
-            # Outputs of this run are discarded (temporary files are removed on the way out).
-            raise EnpcgError(f"CG simulation failed at step {simulation.currentStep} of {steps} ({e}). Fix: use a "
-                             f"smaller time step than {timestep} ps, start from a minimised or mapped structure, "
-                             "or check the model (a model fitted on too few frames can be unstable)") from None
+        except (SimulationHealthError, openmm.OpenMMException, ValueError) as e:
+            # OpenMM: NaN coordinates; ValueError: a writer refusing NaN. Outputs of this run are discarded
+            # (temporary files are removed on the way out).
+            raise _failure(e, simulation, steps, timestep) from None
         wall = time.perf_counter() - t0
         simulation.reporters.clear()
         simulation.saveState(str(tmp["final_state"]))
@@ -207,7 +445,121 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
             log_fh.flush()
             _add_mapped_time(tmp["log"], time_scale)
         # ExitStack closes the bar, the DCD and the log, then renames each temporary file onto its target.
+    return _result(paths, wall, steps, timestep, simulation.context.getPlatform().getName(), steps, report_interval)
 
-    ns_per_day = steps * timestep * 1e-3 / (wall / 86400.0) if wall > 0 else float("inf")
-    return {**paths, "ns_per_day": float(ns_per_day), "wall_s": float(wall), "platform": plat.getName(),
-            "steps": steps, "report_interval": report_interval, "n_frames": steps // report_interval}
+
+def _read_run_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _run_checkpointed(simulation, checker, wrap, pos, box, steps, timestep, temperature, report_interval, seed,
+                      minimize, progress, time_scale, paths, out_dir, checkpoint_interval, resume, fingerprint):
+    """Checkpointed run: growing ``*.partial.*`` outputs, ``checkpoint.chk`` and ``run.json``; resumable."""
+    chk, run_json = out_dir / CHECKPOINT, out_dir / RUN_JSON
+    partial = {k: out_dir / name for k, name in PARTIAL.items()}
+    plat_name = simulation.context.getPlatform().getName()
+    stored = _read_run_json(run_json) if resume else None
+    start_step = 0
+    if stored is not None and chk.exists():
+        old = stored.get("fingerprint", {})
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        complete = bool(stored.get("complete"))
+        if complete and not diff and stored.get("steps") == steps and all(p.exists() for p in paths.values()):
+            print(f"{out_dir}: the run of {steps} steps is complete; nothing to do (resume=False starts over)")
+            return {**paths, **stored["result"], "checkpoint": chk}
+        if complete:  # a finished run of other settings: replaced, as a rerun of a stage always did
+            print(f"{out_dir}: replacing the finished run there (changed: {', '.join(diff) or 'steps'})")
+            stored = None
+        elif diff:  # an unfinished run is refused, not overwritten: it may hold hours of simulation
+            was = ", ".join(f"{k}: {old.get(k)!r}" for k in diff)
+            now = ", ".join(f"{k}: {fingerprint.get(k)!r}" for k in diff)
+            raise EnpcgError(f"{out_dir}: holds an unfinished run with other settings ({was}; this run: "
+                             f"{now}), so it cannot be resumed. Fix: rerun with the same settings to resume it, "
+                             "start over with --resume false (resume=False), or choose another output folder")
+    if stored is not None and chk.exists():
+        try:
+            simulation.loadCheckpoint(str(chk))
+        except Exception as e:
+            raise EnpcgError(f"{chk}: cannot load this checkpoint ({e}). A checkpoint loads only into the same System "
+                             f"on the same platform ({plat_name}) and OpenMM version. Fix: rerun on the platform that "
+                             "wrote it, or start over with --resume false (resume=False)") from None
+        start_step = simulation.currentStep
+        if start_step > steps:
+            raise EnpcgError(f"{chk}: checkpoint is at step {start_step} but this run asks for {steps} steps. Fix: ask "
+                             "for at least as many steps, or start over with --resume false (resume=False)")
+    resumed = start_step > 0 or (stored is not None and chk.exists())
+    for stale in out_dir.glob(f".{CHECKPOINT}.*.tmp*"):  # a checkpoint a killed run had not renamed yet
+        stale.unlink(missing_ok=True)
+    frames = start_step // report_interval
+    if not resumed:
+        for p in (chk, run_json, *partial.values()):
+            p.unlink(missing_ok=True)  # a stale checkpoint must never pair with new outputs
+        write_json(run_json, {"fingerprint": fingerprint, "steps": steps, "complete": False})
+        _start_state(simulation, pos, box, minimize, temperature, seed)
+    else:
+        write_json(run_json, {"fingerprint": fingerprint, "steps": steps, "complete": False})
+        if start_step < steps and frames > 0:  # frames after the checkpoint are redone
+            if not all(p.exists() for p in partial.values()):
+                raise EnpcgError(f"{out_dir}: the checkpoint is at step {start_step} but "
+                                 f"{' and '.join(p.name for p in partial.values() if not p.exists())} is missing, so "
+                                 "the run cannot continue without a gap. Fix: start over with --resume false "
+                                 "(resume=False)")
+            _truncate_dcd(partial["trajectory"], frames, report_interval)
+            _truncate_log(partial["log"], frames)
+    append = resumed and frames > 0
+    note = (f" The last good checkpoint is {chk} (step {{step}}); the trajectory so far is in "
+            f"{partial['trajectory'].name} and {partial['log'].name}.")
+
+    t0 = time.perf_counter()
+    if start_step < steps:
+        with contextlib.ExitStack() as stack:
+            log_fh = stack.enter_context(open(partial["log"], "a" if append else "w"))
+            dcd = app.DCDReporter(str(partial["trajectory"]), report_interval, append=append)
+            stack.callback(dcd._out.close)
+            log = app.StateDataReporter(log_fh, report_interval, step=True, time=True, potentialEnergy=True,
+                                        kineticEnergy=True, temperature=True, speed=True, separator=",",
+                                        append=append)
+            last = {"step": start_step if resumed else None}  # step of the last checkpoint on disk
+
+            def checkpoint(sim, index):
+                _save_checkpoint(sim, chk, index, files=(dcd._out, log_fh))
+                last["step"] = sim.currentStep
+
+            outputs = _Outputs(report_interval, checker, dcd, log, wrap, checkpoint, checkpoint_interval, frames)
+            bar = _ProgressReporter(steps, report_interval, progress)
+            stack.callback(bar.close)
+            try:
+                _check_now(simulation, checker)
+                if not resumed:
+                    checkpoint(simulation, 0)  # the starting state: a failure at the first report resumes here
+                bar.start(simulation.currentStep)
+                simulation.reporters.extend([outputs, bar])
+                simulation.step(steps - simulation.currentStep)
+            except (SimulationHealthError, openmm.OpenMMException, ValueError) as e:
+                where = (note.format(step=last["step"]) if last["step"] is not None else
+                         " The starting state failed, so no checkpoint was written.")
+                raise _failure(e, simulation, steps, timestep, where) from None
+            finally:
+                simulation.reporters.clear()
+            if simulation.currentStep != last["step"]:
+                checkpoint(simulation, outputs.frames)  # the last step, when it is not a checkpoint step
+    wall = time.perf_counter() - t0
+
+    # Finish: each step below is idempotent, so a kill in between is finished by the next call.
+    with atomic_path(paths["final_state"]) as tmp:
+        simulation.saveState(str(tmp))
+    if partial["log"].exists():
+        with atomic_path(paths["log"]) as tmp:
+            shutil.copyfile(partial["log"], tmp)
+            if time_scale != 1.0:
+                _add_mapped_time(tmp, time_scale)
+        partial["log"].unlink()
+    if partial["trajectory"].exists():
+        os.replace(partial["trajectory"], paths["trajectory"])
+    result = _result({}, wall, steps - start_step, timestep, plat_name, steps, report_interval,
+                     checkpoint=str(chk), resumed_from_step=start_step)
+    write_json(run_json, {"fingerprint": fingerprint, "steps": steps, "complete": True, "result": result})
+    return {**paths, **result, "checkpoint": chk}

@@ -14,6 +14,7 @@ TorchForce or a PythonForce runs code when loaded or evaluated: load only files 
 """
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Union
@@ -25,7 +26,7 @@ from openmm import app, unit
 
 from enpcg.errors import EnpcgError
 from enpcg.fileio import atomic_write
-from enpcg.models.base import CGModel, load_model
+from enpcg.models.base import CGModel, check_model_matches, load_model, topology_hash
 from enpcg.topology import CGTopology
 
 from ._imports import import_openmmtorch
@@ -58,6 +59,14 @@ def _names_match(model_names: list, other_names: list, width: Optional[int]) -> 
     return None
 
 
+def _names_hash(names: list, width: Optional[int]) -> str:
+    """sha256 hex digest of bead names (stripped, cut to ``width`` characters): what a PDB can be checked by."""
+    import hashlib
+
+    cut = [n.strip()[:width] if width is not None else n.strip() for n in names]
+    return hashlib.sha256(json.dumps(cut, separators=(",", ":")).encode()).hexdigest()
+
+
 def _fitted_periodic(config: dict) -> bool:
     """True when a model config (or any term of a "sum" model) declares ``periodic: true``."""
     if config.get("periodic"):
@@ -74,6 +83,9 @@ class CGPotential:
         A model object, or a model directory (``model.json`` + ``model.pt``, see ``enpcg.models.save_model``).
     dtype : torch.float32 | torch.float64 | "float32" | "float64" | None
         Precision the exported model computes in (backends "torch" and "python"); None keeps the model's.
+    mapping : enpcg.mapping.Mapping or its hash (str), optional
+        The mapping of the system to simulate: refused (EnpcgError naming both hashes) unless the model was
+        trained on data of this mapping (see :func:`enpcg.models.base.check_model_matches`).
 
     Attributes
     ----------
@@ -81,7 +93,7 @@ class CGPotential:
     topology : CGTopology, the CG topology the model was fitted for (bead count, names, masses in amu).
     """
 
-    def __init__(self, model_or_directory: Union[CGModel, str, Path], dtype=None):
+    def __init__(self, model_or_directory: Union[CGModel, str, Path], dtype=None, mapping=None):
         if isinstance(model_or_directory, CGModel):
             model = model_or_directory  # not converted here: the export copies it into ``dtype``
         elif isinstance(model_or_directory, (str, Path)):
@@ -94,6 +106,8 @@ class CGPotential:
                              "rigid massive sites; build its System with "
                              "openmm_plugin.oriented.create_oriented_system(model, centres, axes, box)")
         _resolve_dtype(model, dtype)  # reject a bad dtype here rather than at export
+        if mapping is not None:
+            check_model_matches(model, mapping_hash=mapping, source=getattr(mapping, "source", "mapping"))
         self.model = model
         self.dtype = dtype
         self.topology: CGTopology = model.topology
@@ -107,7 +121,16 @@ class CGPotential:
         return f"CGPotential(kind={self.model.kind!r}, n_beads={self.topology.n_beads})"
 
     # ------------------------------------------------------------------ topology checks
-    def _check_topology(self, cg_topology):
+    def check_topology(self, cg_topology, source=None):
+        """Refuse a CG topology the model was not trained for (EnpcgError with both hashes and the fix).
+
+        cg_topology : CGTopology (compared in full by topology hash: names, types, masses, molecules, bonded
+        terms), openmm.app.Topology or a PDB path (bead count and names, the most a PDB carries).
+        source : the file it came from, for the message.
+        """
+        self._check_topology(cg_topology, source)
+
+    def _check_topology(self, cg_topology, source=None):
         """Validate ``cg_topology`` against the model's; return (masses amu, box nm or None from it)."""
         top = self.topology
         if cg_topology is None:
@@ -115,7 +138,7 @@ class CGPotential:
         width = None
         box = None
         masses = top.masses
-        source = type(cg_topology).__name__
+        source = str(source) if source is not None else type(cg_topology).__name__
         if isinstance(cg_topology, CGTopology):
             names = cg_topology.bead_names
             masses = cg_topology.masses
@@ -137,15 +160,25 @@ class CGPotential:
         else:
             raise EnpcgError(f"cg_topology must be a CGTopology, an openmm.app.Topology or a PDB path; you "
                              f"supplied {type(cg_topology).__name__}")
+
+        def refuse(what):
+            model_name = getattr(self.model, "source", None) or f"<{self.model.kind} model in memory>"
+            meta = getattr(self.model, "metadata", None) or {}
+            raise EnpcgError(
+                f"{source}: {what}: model {model_name} (topology hash {topology_hash(top)}, mapping hash "
+                f"{meta.get('mapping_hash') or 'not recorded'}); bead-name hash {_names_hash(names, width)} "
+                f"(found) vs {_names_hash(top.bead_names, width)} (expected). Fix: use the cg.pdb / "
+                "cg_topology.json that `enpcg map` wrote for the data the model was fitted on, or refit the "
+                "model on data mapped to these beads")
+
         if len(names) != top.n_beads:
-            raise EnpcgError(f"{source}: the topology has {len(names)} beads but the model was fitted for "
-                             f"{top.n_beads} beads; use the CG topology the model was fitted on (its cg.pdb / "
-                             "cg_topology.json)")
+            refuse(f"the topology has {len(names)} beads but the model was fitted for {top.n_beads} beads")
         bad = _names_match(top.bead_names, names, width)
         if bad is not None:
-            raise EnpcgError(f"{source}: bead {bad} is named {names[bad]!r} but the model expects "
-                             f"{top.bead_names[bad]!r} there (both have {top.n_beads} beads); the bead order "
-                             "must be the one the model was fitted on")
+            refuse(f"bead {bad} is named {names[bad]!r} but the model expects {top.bead_names[bad]!r} there (both "
+                   f"have {top.n_beads} beads; the bead order must be the one the model was fitted on)")
+        if isinstance(cg_topology, CGTopology) and cg_topology is not top:  # types, masses, bonded terms...
+            check_model_matches(self.model, topology=cg_topology, source=source)
         return masses, _box_array(box, f"{source} periodic box") if box is not None else None
 
     # ------------------------------------------------------------------ systems

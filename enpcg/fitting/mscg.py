@@ -11,6 +11,10 @@ constant mode of each bonded spline is removed). The fitted splines, continued o
 repulsive/harmonic walls, are tabulated on a fine uniform grid that contains the knots and returned as a
 :class:`enpcg.models.spline.SplineModel`.
 
+Under ``torchrun`` (:mod:`enpcg.fitting.distributed`) each rank accumulates the sampled ranges and the normal
+equations over its contiguous share of the frames, the sums are all-reduced, and every rank solves the same
+system: the same model as one process, up to the round-off of the summation order.
+
 Units: positions and box nm, forces kJ/mol/nm, energies kJ/mol, angles rad, temperature K.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from ..errors import EnpcgError
 from ..geometry import bond_angles, dihedral_angles, minimum_image
 from ..models.spline import SplineModel
+from . import distributed
 
 KB = 0.008314462618  # kJ/mol/K
 CACHE_BYTES = 2 ** 30  # term geometry kept between the two passes (bytes)
@@ -331,6 +336,13 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
     kT = KB * float(temperature)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     f64 = torch.float64
+    # Under torchrun every rank takes a contiguous share of the frames; the sums below are all-reduced.
+    if distributed.init_from_env(dev):
+        dev = distributed.local_device(dev)
+        mine = distributed.shard(np.arange(n_frames))
+        pos, frc = pos[mine], frc[mine]
+        box = None if box is None else box[mine]
+    n_total, n_frames = n_frames, pos.shape[0]
 
     # Term index tensors.
     excluded = torch.as_tensor(topology.excluded_pairs())
@@ -387,6 +399,10 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
                 cache.append(found)
             else:
                 cache = None
+    for fam in fam_types:  # ranges and counts over every rank's frames
+        distributed.all_reduce(lo_seen[fam], "min")
+        distributed.all_reduce(hi_seen[fam], "max")
+        distributed.all_reduce(counts[fam], "sum")
 
     blocks = []
     knots = {"pairs": pair_knots, "bonds": bond_knots, "angles": angle_knots, "dihedrals": dihedral_knots}
@@ -422,6 +438,10 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
             ata += a.T @ a
             atb += a.T @ fref
             btb += float(fref @ fref)
+    # Sums over every rank's frames; each rank then solves the same system (no broadcast needed).
+    distributed.all_reduce(ata)
+    distributed.all_reduce(atb)
+    (btb,) = distributed.all_reduce_floats([btb])
 
     # Regularisation: second differences per spline, constant mode of bonded splines, tiny ridge.
     reg = torch.zeros_like(ata)
@@ -463,11 +483,12 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
     model = SplineModel(topology, periodic=bool(periodic), cutoff=cutoff, **tables).double()
     elapsed = time.perf_counter() - t_start
     model.fit_info = {"method": "MS-CG force matching, cubic B-splines", "force_residual": residual,
-                      "n_frames": n_frames, "n_coefficients": n_coef, "ridge": ridge, "time_s": elapsed,
+                      "n_frames": n_total, "n_coefficients": n_coef, "ridge": ridge, "time_s": elapsed,
                       "device": str(dev), "pair_search": "vesin" if search.vesin is not None else "dense",
-                      "batch_frames": batches[0][1] - batches[0][0],
+                      "batch_frames": batches[0][1] - batches[0][0] if batches else 0,
+                      "ranks": distributed.world_size(),
                       "geometry_cached": cache is not None, "tables": info_tables}
-    log.info("MS-CG fit: %d frames, %d coefficients, force residual %.4f, %.1f s", n_frames, n_coef, residual,
+    log.info("MS-CG fit: %d frames, %d coefficients, force residual %.4f, %.1f s", n_total, n_coef, residual,
              elapsed)
     return model
 
@@ -516,15 +537,19 @@ def _tabulate(blk: _Block, coef: np.ndarray, kT: float, wall_kT: float) -> dict:
     values[inside], _, _ = _spline_values(blk, coef, np.clip(x[inside], blk.lo, blk.hi - 1e-12 * blk.h))
     width = 0.1 if blk.family == "pairs" else max(blk.sampled[1] - blk.sampled[0], blk.h)
     k_wall = wall_kT * kT / width ** 2
-    edges = [(blk.lo, x < blk.lo)]
+    edges = [(blk.lo, x < blk.lo, -1.0)]  # (edge, points beyond it, outward direction)
     if blk.family != "pairs":
-        edges.append((hi, x > hi))
-    for edge, mask in edges:
+        edges.append((hi, x > hi, 1.0))
+    for edge, mask, outward in edges:
         if not mask.any():
             continue
         e0, d1, d2 = (v[0] for v in _spline_values(blk, coef, np.array([min(max(edge, blk.lo),
                                                                                 blk.hi - 1e-12 * blk.h)])))
         dx = x[mask] - edge
+        # The wall must rise outward: a slope that falls outward (a noisy fit near the edge of sparse data)
+        # would make a well beyond the sampled range, where a CG run then collapses (seen: bond tables at
+        # -3,100 kJ/mol past the range from 30 frames). Clip it to zero: E stays continuous, F may kink.
+        d1 = outward * max(outward * d1, 0.0)
         values[mask] = e0 + d1 * dx + 0.5 * max(d2, k_wall) * dx ** 2
     if blk.family == "pairs":
         values[-1] = 0.0  # the spline and its first two derivatives vanish at the cutoff

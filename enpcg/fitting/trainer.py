@@ -19,6 +19,12 @@ the same path as an uninterrupted one. Outputs in ``out_dir``: ``checkpoint.pt``
 
 Test hook: with the environment variable ``ENPCG_STOP_AFTER_EPOCH=k``, the trainer raises KeyboardInterrupt
 right after the checkpoint of epoch k (epochs count from 1) is written.
+
+Data parallel (``torchrun --nproc_per_node=N``; :mod:`enpcg.fitting.distributed`): every minibatch is split
+into N contiguous shards, one per rank, and gradients are averaged by PyTorch's DistributedDataParallel. Each
+rank's loss is its shard's mean times N x (shard frames / batch frames), so the averaged gradient is the
+gradient of the whole batch's mean loss: the fit follows the single-process path up to round-off.
+Validation sums are all-reduced, time budgets follow rank 0's clock, and only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import copy
 import math
 import os
 import time
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +42,7 @@ import torch
 from ..errors import EnpcgError
 from ..fileio import atomic_path, write_json
 from ..models.base import batch_forces, model_dtype
+from . import distributed
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
@@ -109,6 +117,40 @@ def _fingerprint(model, pos, forces, box, prior, settings: dict) -> dict:
             "prior": None if prior is None else repr(getattr(prior, "config", type(prior).__name__)),
             "n_frames": int(pos.shape[0]), "n_beads": int(pos.shape[1]), "periodic": box is not None,
             "data_sum": float(pos.double().sum() + forces.double().sum()), **settings}
+
+
+class _BatchEnergy(torch.nn.Module):
+    """``forward`` = ``model.batch_energy``: DistributedDataParallel synchronises gradients of what its own
+    forward computes, and force matching differentiates batch energies."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, positions, box):
+        return self.model.batch_energy(positions, box)
+
+
+def _data_parallel(model, device, inactive):
+    """An object with ``batch_energy`` (what :func:`batch_forces` calls) that runs ``model`` under
+    DistributedDataParallel.
+
+    inactive : names of parameters that the force-matching loss never reaches (an energy offset has no force),
+    so they never get a gradient. DDP would wait for them forever; it ignores them instead, and they stay
+    without gradient as in a single process (where AdamW skips them, weight decay included).
+    """
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Autograd may give a (1, k) weight's gradient strides (1, 1) where DDP's bucket has (k, 1): the same
+    # memory layout (a dimension of size 1 has no stride), so DDP's performance warning is noise.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    wrapper = _BatchEnergy(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in inactive])
+    ddp = DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=False)  # buffers are identical on every rank
+    return types.SimpleNamespace(batch_energy=ddp)
 
 
 def write_training_curve(history: dict, path):
@@ -209,7 +251,10 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         raise EnpcgError(f"train_force_matching: ema_decay must be in [0, 1); you supplied {ema_decay}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    # Under torchrun (WORLD_SIZE > 1) join the process group; a CUDA fit then uses this rank's GPU.
+    parallel = distributed.init_from_env(device)
+    device = distributed.local_device(device) if parallel else torch.device(device)
+    main = distributed.is_main()
     home = next(iter(model.parameters())).device
     dtype = model_dtype(model)
 
@@ -343,14 +388,17 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         """Mean squared force error (kJ/mol/nm)^2, energy error per bead (kJ/mol)^2 and weighted group-force
         loss over frames idx."""
         total, e_total, g_total = 0.0, 0.0, 0.0
-        for s in range(0, len(idx), batch_size):
-            b = torch.as_tensor(idx[s:s + batch_size], device=device)
+        mine = distributed.shard(idx)  # each rank sums over its share of the frames; one process: all
+        for s in range(0, len(mine), batch_size):
+            b = torch.as_tensor(mine[s:s + batch_size], device=device)
             e, f = batch_forces(averaged, pos[b], None if cell is None else cell[b])
             df = f.detach() - target[b]
             total += float((df ** 2).sum())
             g_total += float(group_loss(df)) * len(b)
             if use_energy:
                 e_total += float((((e.detach() - e_target[b]) / n_beads) ** 2).sum())
+        if parallel:
+            total, e_total, g_total = distributed.all_reduce_floats([total, e_total, g_total])
         return total / (len(idx) * n_beads * 3), e_total / len(idx), g_total / len(idx)
 
     def combined(f_mse, e_mse, g_mse):
@@ -363,11 +411,40 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
     seconds_before = float(history.get("train_seconds", 0.0))  # wall time of earlier runs (resume)
     eval_seconds = 0.0  # duration of the last validation pass
 
-    def time_cosine_lr():
-        frac = min(1.0, (seconds_before + time.monotonic() - t0) / (60.0 * max_minutes))
+    def time_cosine_lr(elapsed):
+        frac = min(1.0, elapsed / (60.0 * max_minutes))
         return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    bar = tqdm(total=epochs, initial=min(start_epoch - 1, epochs), disable=not progress, desc="force matching",
-               unit="epoch")
+
+    def batch_loss(energy_model, b, share):
+        """Training loss of frames b (a 0-d tensor), and its force and energy terms (means over b).
+
+        share scales the loss of a rank's shard (1 for one process, see the module docstring)."""
+        e, f = batch_forces(energy_model, pos[b], None if cell is None else cell[b], create_graph=True)
+        df = f - target[b]
+        f_loss = (df ** 2).mean()
+        loss = f_loss * force_weight
+        if groups_loss:
+            loss = loss + group_loss(df)
+        e_loss = None
+        if use_energy:
+            e_loss = (((e - e_target[b]) / n_beads) ** 2).mean()
+            loss = loss + energy_weight * e_loss
+        if parallel:
+            loss = loss * share
+        return loss, f_loss, e_loss
+
+    energy_model = model  # what the training steps differentiate: the model, or the model under DDP
+    if parallel:
+        # Parameters the loss does not reach (found once, on the same frames on every rank) are left to DDP
+        # as ignored. Building DDP is a collective, so no rank passes here before all have read the checkpoint.
+        probe = torch.as_tensor(train_idx[:batch_size], device=device)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(batch_loss(model, probe, 1.0)[0], [p for _, p in named], allow_unused=True)
+        energy_model = _data_parallel(model, device, [n for (n, _), g in zip(named, grads) if g is None])
+        del grads
+    world = distributed.world_size()
+    bar = tqdm(total=epochs, initial=min(start_epoch - 1, epochs), disable=not (progress and main),
+               desc="force matching", unit="epoch")
     stopped = history.get("stopped", "running") if start_epoch > epochs else "max_epochs"
     try:
         for epoch in range(start_epoch, epochs + 1):
@@ -375,24 +452,29 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
             order = _epoch_order(train_idx, seed, epoch)
             sq_sum, e_sq_sum, n_seen, budget_hit = 0.0, 0.0, 0, False
             for s in range(0, len(order), batch_size):
-                b = torch.as_tensor(order[s:s + batch_size], device=device)
+                batch = order[s:s + batch_size]
+                mine = distributed.shard(batch)  # this rank's frames of the batch (one process: all)
+                # DDP averages gradients over ranks: a shard's mean loss enters with weight world x its share
+                # of the batch. A rank with no frame evaluates one with weight 0, so it still joins the
+                # gradient all-reduce.
+                share = world * len(mine) / len(batch)
+                n_mine = len(mine)
+                if not n_mine:
+                    mine = batch[:1]
+                b = torch.as_tensor(mine, device=device)
                 if schedule == "cosine_time":
                     # The budget covers everything: stop stepping in time for the epoch's validation pass.
-                    if n_seen and seconds_before + time.monotonic() - t0 + eval_seconds >= 60.0 * max_minutes:
+                    # Ranks follow rank 0's clock, so they stop at the same step with the same rates.
+                    elapsed, eval_time = distributed.broadcast_floats(
+                        [seconds_before + time.monotonic() - t0, eval_seconds])
+                    if s and elapsed + eval_time >= 60.0 * max_minutes:
                         budget_hit = True
                         break
                     for group in optimizer.param_groups:
-                        group["lr"] = time_cosine_lr()
-                e, f = batch_forces(model, pos[b], None if cell is None else cell[b], create_graph=True)
-                df = f - target[b]
-                f_loss = (df ** 2).mean()
-                loss = f_loss * force_weight
-                if groups_loss:
-                    loss = loss + group_loss(df)
+                        group["lr"] = time_cosine_lr(elapsed)
+                loss, f_loss, e_loss = batch_loss(energy_model, b, share)
                 if use_energy:
-                    e_loss = (((e - e_target[b]) / n_beads) ** 2).mean()
-                    loss = loss + energy_weight * e_loss
-                    e_sq_sum += float(e_loss.detach()) * len(b)
+                    e_sq_sum += float(e_loss.detach()) * n_mine
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -400,8 +482,10 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                     with torch.no_grad():
                         torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()),
                                              1.0 - ema_decay)
-                sq_sum += float(f_loss.detach()) * len(b)
-                n_seen += len(b)
+                sq_sum += float(f_loss.detach()) * n_mine
+                n_seen += n_mine
+            if parallel:
+                sq_sum, e_sq_sum, n_seen = distributed.all_reduce_floats([sq_sum, e_sq_sum, n_seen])
             train_mse = sq_sum / max(1, n_seen)
             model.eval()
             t_eval = time.monotonic()
@@ -431,6 +515,8 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
             history["lr"].append(float(optimizer.param_groups[0]["lr"]))
             finished = bad_epochs >= patience or epoch == epochs
             spent = time.monotonic() - t0 + (seconds_before if schedule == "cosine_time" else 0.0)
+            if parallel:
+                (spent,) = distributed.broadcast_floats([spent])  # rank 0's clock: every rank stops alike
             out_of_time = max_minutes is not None and (spent / 60.0 >= max_minutes or budget_hit)
             history["stopped"] = ("early_stopping" if bad_epochs >= patience else
                                   "max_epochs" if epoch == epochs else
@@ -441,9 +527,12 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
                     "fingerprint": fingerprint}
             if ema_decay > 0:
                 ckpt["ema"] = _cpu_state(averaged)
-            with atomic_path(ckpt_path) as tmp:
-                torch.save(ckpt, tmp)
-            write_json(out_dir / HISTORY, history)  # cheap; lets a user follow a long fit
+            if main:  # one writer; the others wait until the checkpoint is complete
+                with atomic_path(ckpt_path) as tmp:
+                    torch.save(ckpt, tmp)
+                write_json(out_dir / HISTORY, history)  # cheap; lets a user follow a long fit
+                __import__("enpcg.crash_test", fromlist=["_"]).maybe_kill("fit", epoch)  # ENPCG_KILL_AT test hook
+            distributed.barrier()
             bar.update(1)
             bar.set_postfix(train=f"{history['train_rmse'][-1]:.4g}", val=f"{history['val_rmse'][-1]:.4g}",
                             lr=f"{history['lr'][-1]:.2g}")
@@ -456,12 +545,15 @@ def train_force_matching(model, positions, forces, box=None, *, prior=None, out_
         bar.close()
 
     history["stopped"] = stopped
+    del energy_model  # drops DDP's gradient hooks from the model's parameters
     model.load_state_dict(best_state)
     model.eval()
     model.to(home)
     if prior is not None:
         prior.to(home)
-    write_json(out_dir / HISTORY, history)
-    if history["epoch"]:
-        write_training_curve(history, out_dir / CURVE)
+    if main:
+        write_json(out_dir / HISTORY, history)
+        if history["epoch"]:
+            write_training_curve(history, out_dir / CURVE)
+    distributed.barrier()
     return model, history

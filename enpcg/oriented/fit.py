@@ -200,7 +200,7 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
     start_epoch, best, best_state, elapsed0 = 0, math.inf, None, 0.0
     ckpt = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        state = torch.load(ckpt, map_location=dev, weights_only=True)  # tensors and plain containers only
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history, start_epoch, best = state["history"], state["epoch"] + 1, state["best"]
