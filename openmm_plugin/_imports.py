@@ -68,6 +68,9 @@ def ensure_vesin(required: bool = True):
 
 def import_openmmtorch():
     """Return the ``openmmtorch`` module (imported after torch), or raise EnpcgError with an install hint."""
+    from enpcg.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large per-step tensors: no page faults on every call (see enpcg.allocator)
     ensure_vesin(required=False)
     # openmmtorch's SWIG wrapper imports the deprecated ``simtk.openmm`` alias, which logs a warning on the
     # root logger that users cannot act on; filter that one record out while importing.
