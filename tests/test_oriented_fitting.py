@@ -20,7 +20,7 @@ gradients at each frame, not Boltzmann statistics of the total potential).
 
 Models are trained in float32 (2-3x faster than float64 on the CPU; the tolerances are >= 1e-2). All seeds
 are fixed and training runs a fixed number of epochs, so results are deterministic on one torch thread.
-Runtime: about 40 s of CPU (data 10 s, achiral fit 20 s, chiral fits 2 x 2 s, contact-model checks 5 s);
+Runtime: about 65 s of CPU (data 10 s, achiral fit 45 s, chiral fits 2 x 2 s, contact-model checks 5 s);
 about 2x the wall time when the 2 cores are shared with other jobs.
 """
 import copy
@@ -45,13 +45,15 @@ R_W = 0.5           # nm, Gaussian width of the chiral weight
 KAPPA = 180.0       # kJ/mol, chiral strength: about 20% of the total force variance (checked below)
 
 # Learned orientation-dependent contact distance (LJ core in the gap h = r - sigma(f) + 0.4 nm, radial basis
-# of h), head-tail symmetric director features, OpenMM-style switch from 1.2 nm (as the GB reference).
+# of h) with two Berne-Pechukas channels (learned anisotropies; log-linear contact head), head-tail symmetric
+# director features, OpenMM-style switch from 1.2 nm (as the GB reference). Adam with the gradient norm clipped
+# at 3x the running median (without it one deep-wall frame froze the anisotropies for the rest of the fit).
 MODEL = {"cutoff": 1.4, "n_rbf": 16, "hidden": 32, "depth": 2, "chiral": True, "core_radius": 0.35,
          "energy_scale": 5.0, "seed": 0, "contact": True, "contact_init": 0.4, "contact_width": 0.4,
-         "contact_depth": 3.0, "apolar": True, "switch_distance": 1.2}
-FIT = {"lr": 3e-2, "batch_size": 2, "length_scale": LENGTH_SCALE, "val_fraction": 0.0, "seed": 0,
-       "device": "cpu"}
-EPOCHS = 80          # achiral fit from scratch
+         "contact_depth": 3.0, "apolar": True, "switch_distance": 1.2, "shape_channels": 2}
+FIT = {"lr": 1e-2, "batch_size": 2, "length_scale": LENGTH_SCALE, "val_fraction": 0.0, "seed": 0,
+       "device": "cpu", "grad_clip": 3.0}
+EPOCHS = 160         # achiral fit from scratch
 CHIRAL_EPOCHS = 8    # chiral fits, warm-started from the achiral fit
 CHIRAL_LR = 5e-3
 
@@ -179,34 +181,44 @@ def test_chiral_reference_is_consistent(gb, chiral_reference_data):
     assert 0.1 <= share_f <= 0.3 and 0.1 <= share_t <= 0.3
 
 
-# Observed with these settings (one torch thread, 2 shared cores; ~40-60 s of training): held-out force
-# 0.28, torque 0.31, centred energy 0.32 (relative RMS vs the exact values), chiral_energy_fraction 0.05.
-# The previous model (isotropic core, radial basis of r, polar features; lr 1e-2, 40 epochs) reached
-# 0.48 / 0.56 / 1.26 and 0.33 / 0.37 / 0.75 after 250 epochs. 200 epochs of the contact model (lr 3e-2)
-# reach train loss 2.9e3 (from 3.7e4) but held-out 0.31 / 0.33 / 0.99: the fit is unstable (loss spikes
-# back to the start value mid-run); with the odd-channel decay of fit_oriented (odd_decay = 1) 0.19 / 0.23 /
-# 0.29 -- still far from the issue's 5%. Errors are dominated by a few near-contact pairs on the r^-12
-# Gay-Berne wall (the 20 worst of 640 held-out beads carry ~60% of the squared force error). The claim is
-# therefore kept as a strict expected failure (an XPASS fails the run, so the marker must be removed once it
-# holds), and test_neural_fit_learns_gay_berne guards the level reached now.
-KNOWN_ANSWER_REASON = ("oriented_neural + fit_oriented reach ~0.19/0.23/0.29 (force/torque/energy) on held-out "
-                       "GB frames in a CPU test budget, not 0.05; see the comment above")
+# History (one torch thread, held-out relative RMS force / torque / centred energy): the first model
+# (isotropic core, radial basis of r, polar features) 0.48 / 0.56 / 1.26; the contact-distance model (softplus
+# of an MLP of polynomial features, lr 3e-2, 80 epochs) 0.19 / 0.23 / 0.29. Its contact distance could not be
+# made accurate enough: regressed directly on the exact GB contact distance it stayed 0.006 nm RMS off, and on
+# the r^-12 wall a 1% error of the contact distance is a ~13% force error. With the Berne-Pechukas channels
+# (log-linear contact head, exact for Gay-Berne ellipsoids at the right anisotropies: checked by setting the
+# weights by hand, 3e-7) and clipped Adam: forces and torques about 0.04 (the claim below), the centred
+# energy 0.06-0.14 depending on the run length and frame count (measured variants: 30 or 60 training frames,
+# 80-240 epochs, 2-10 channels, L-BFGS polish, weight averaging). The energy's variance over frames comes
+# mostly from the attractive wells (r = 0.5-0.9 nm), whose forces are small next to the wall's, and the fits
+# end in a local minimum (loss 330-370 against the noise floor of 285 (kJ/mol/nm)^2) where the wall is matched
+# with well depths 15-20% off pair by pair. So the energy claim stays a strict expected failure (an XPASS
+# fails the run, so the marker must be removed once it holds).
+ENERGY_REASON = ("forces and torques reach ~0.04, but the held-out centred energy stays at ~0.06-0.14: the fit "
+                 "ends in a local minimum with the attractive wells 15-20% off; see the comment above")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_ANSWER_REASON)
-def test_neural_known_answer(achiral_fit):
-    """The neural model reproduces held-out energies, forces and torques within 5% RMS (exact reference):
-    force, torque and centred energy relative RMS errors <= 0.05 each."""
+def test_neural_known_answer_forces_and_torques(achiral_fit):
+    """The neural model reproduces held-out forces and torques within 5% RMS (exact reference): force and torque
+    relative RMS errors <= 0.05 each (observed 0.040 and 0.041, 160 epochs, about 45 s of training)."""
     err = oriented_errors(achiral_fit["model"], achiral_fit["test"])
     print(f"held-out relative RMS errors {err} after {achiral_fit['seconds']:.1f} s of training")
     assert err["force"] <= 0.05
     assert err["torque"] <= 0.05
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ENERGY_REASON)
+def test_neural_known_answer_energies(achiral_fit):
+    """The neural model reproduces held-out energies within 5% RMS: centred energy relative RMS error <= 0.05
+    (observed 0.125; see the comment above)."""
+    err = oriented_errors(achiral_fit["model"], achiral_fit["test"])
+    print(f"held-out relative RMS errors {err}")
     assert err["energy"] <= 0.05
 
 
 def test_achiral_data_give_no_chiral_energy(achiral_fit):
     """On achiral GB data the pseudoscalar channel carries < 1% of the energy variance of held-out frames
-    (observed 0.0053 with fit_oriented's default odd_decay = 1; without the decay the channel soaked up noise
+    (observed 0.0006 with fit_oriented's default odd_decay = 1; without the decay the channel soaked up noise
     and reached 2-5%)."""
     frac = chiral_energy_fraction(achiral_fit["model"], achiral_fit["test"])
     print(f"achiral chiral_energy_fraction {frac:.4f}")
@@ -214,15 +226,13 @@ def test_achiral_data_give_no_chiral_energy(achiral_fit):
 
 
 def test_neural_fit_learns_gay_berne(achiral_fit):
-    """Guard of the level reached now (NOT the issue's claim, see test_neural_known_answer): held-out force
-    relative RMS <= 0.4, torque <= 0.45 and centred energy <= 0.6 (observed 0.19, 0.23, 0.29 with odd_decay 1;
-    1.0 is the zero model), and the odd channel carries < 10% of the energy variance (observed 0.005)."""
+    """Guard of the energy level reached now (NOT the issue's claim, see test_neural_known_answer_energies):
+    held-out centred energy relative RMS <= 0.25 (observed 0.125; 1.0 is the zero model), and the odd channel
+    carries < 10% of the energy variance (observed 0.0006)."""
     err = oriented_errors(achiral_fit["model"], achiral_fit["test"])
     frac = chiral_energy_fraction(achiral_fit["model"], achiral_fit["test"])
     print(f"held-out errors {err}, chiral fraction {frac:.4f}")
-    assert err["force"] <= 0.4
-    assert err["torque"] <= 0.45
-    assert err["energy"] <= 0.6
+    assert err["energy"] <= 0.25
     assert frac < 0.1
 
 
@@ -252,8 +262,9 @@ def test_chiral_sign_is_recovered(chiral_fits, sign):
 
 
 # ------------------------------------------------------------------- contact-distance / apolar model options
-@pytest.mark.parametrize("kind,extra", [("director", {"apolar": True}), ("director", {}), ("frame", {})],
-                         ids=["director-apolar", "director-polar", "frame"])
+@pytest.mark.parametrize("kind,extra", [("director", {"apolar": True}), ("director", {"apolar": True, "shape_channels": 3}),
+                                        ("director", {}), ("frame", {})],
+                         ids=["director-apolar", "director-apolar-shape", "director-polar", "frame"])
 def test_contact_model_is_consistent(kind, extra):
     """``contact=True`` (learned orientation-dependent contact distance, LJ core in the gap h) with random
     weights, float64: torques are -dE/dtheta by central differences (1e-6 relative), the energy is invariant

@@ -161,7 +161,7 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
                  batch_size: int = 8, length_scale: Optional[float] = None, val_fraction: float = 0.2,
                  seed: int = 0, max_seconds: Optional[float] = None, out_dir=None, device: str = "auto",
                  progress: bool = False, lr_final: float = 0.05, optimizer: str = "adam",
-                 odd_decay: float = 1.0) -> dict:
+                 odd_decay: float = 1.0, grad_clip: Optional[float] = None) -> dict:
     """Fit ``model`` in place to ``data`` by force-and-torque matching (module docstring); returns the history.
 
     epochs : passes over the training frames; lr : Adam step, decayed by a cosine to lr * lr_final;
@@ -169,11 +169,16 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
     val_fraction : share of frames held out (the best validation state is kept); max_seconds : stop after
     this wall time (the schedule follows time then); out_dir : checkpoint and history folder (resumable).
     optimizer : "adam" (minibatches; neural models) or "lbfgs" (full batch, strong-Wolfe line search, one
-    epoch = up to 20 iterations; analytic models with a few parameters, e.g. Gay-Berne, converge tightly).
+    epoch = up to 20 iterations; a step to non-finite values is undone and ends the fit; analytic models
+    with a few parameters, e.g. Gay-Berne, converge tightly).
     odd_decay : decoupled weight decay (AdamW; each step multiplies the weights by 1 - lr * odd_decay) of the
     parity-odd (pseudoscalar) channel of ``oriented_neural`` terms (parameters named ``odd.*``): the chiral
     channel stays near zero unless the data need it (on achiral data it would otherwise absorb noise and make
     an achiral system look chiral).
+    grad_clip : Adam only: the gradient's norm is clipped to this many times the median norm of the steps so
+    far (None: no clipping). Why: a frame with a pair deep on an r^-12 wall gives a gradient orders of magnitude
+    above the rest; one such step inflates Adam's second-moment estimate for thousands of steps and stalls
+    the parameters it touches (seen on Gay-Berne data: the learned anisotropies froze at their start values).
     """
     if optimizer not in ("adam", "lbfgs"):
         raise EnpcgError(f"fit_oriented: optimizer must be 'adam' or 'lbfgs'; received {optimizer!r}")
@@ -223,6 +228,7 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
         return tot / n_val
 
     t0 = time.perf_counter() - elapsed0
+    grad_norms: list = []  # recent gradient norms (for grad_clip)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -246,7 +252,16 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
                     total = total + float(part.detach())
                 return torch.tensor(total, dtype=torch.float64)
 
+            # A step that leaves the loss or the weights non-finite (r^-12 walls overflow far from the optimum)
+            # is undone and ends the fit.
+            before = [p.detach().clone() for p in params]
             tot = float(opt.step(closure)) * len(perm)
+            after = float(closure())
+            if not math.isfinite(after) or not all(bool(torch.isfinite(p).all()) for p in params):
+                with torch.no_grad():
+                    for p, b in zip(params, before):
+                        p.copy_(b)
+                break
         for g in opt.param_groups:
             if optimizer == "adam":
                 g["lr"] = lr * (lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -255,6 +270,16 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
             opt.zero_grad()
             loss = loss_of(idx, True)
             loss.backward()
+            if grad_clip is not None:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+                if grad_norms:
+                    limit = float(grad_clip) * float(np.median(grad_norms))
+                    if norm > limit:
+                        for p in params:
+                            if p.grad is not None:
+                                p.grad.mul_(limit / norm)
+                grad_norms.append(norm)
+                del grad_norms[:-200]
             opt.step()
             tot += float(loss.detach()) * len(idx)
         vl = val_loss()
