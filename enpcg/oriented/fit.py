@@ -17,7 +17,6 @@ checkpointed after every epoch (atomically) and a rerun resumes from it.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
