@@ -21,7 +21,8 @@ discarded extra column. What does not fit (a cell with more than ``cell_capacity
 with more than ``max_neighbors`` partners, a box shrunk so that a cell is narrower than the cutoff) sets
 the persistent ``overflow`` buffer instead of changing a shape: the caller checks it at report time (for
 example ``cell_list.overflowed()``) and, when set, rebuilds the model with ``cell_list.grown()`` (doubled
-capacities) and restarts from the last good state.
+capacities) and restarts from the last good state (``openmm_plugin.simulate.run_simulation`` does this by
+itself when given ``cell_lists``).
 
 Units: positions, box, cutoff and displacements in nm. Box vectors are the rows of a (3, 3) tensor in
 OpenMM's reduced form (a along x, b in the xy plane, c with positive z; triclinic allowed), for which
@@ -358,6 +359,23 @@ class CellList(torch.nn.Module):
         """True when a forward call since construction (or the last reset) may have lost pairs. Reads the
         flag on the host: call it at report time, not inside a captured step."""
         return bool(self.overflow[0] != 0)
+
+    def needed(self, positions, box) -> Tuple[int, int]:
+        """(cell_capacity, max_neighbors) that ``positions`` (n, 3) nm in ``box`` (3, 3) nm need: the particles
+        in the fullest cell and the most partners j > i of one particle (within the selection radius). Plain
+        Python (eager, a host synchronisation): for sizing a restart after an overflow, not for a step."""
+        pos = torch.as_tensor(positions, device=self.overflow.device)
+        b = torch.as_tensor(box, dtype=pos.dtype, device=pos.device)
+        counts = self._bin(pos.detach(), b.detach())[4]
+        return int(counts.max()), int(self._partner_counts(pos.detach(), b.detach()).max())
+
+    def with_capacities(self, cell_capacity: int, max_neighbors: int) -> "CellList":
+        """A new CellList of the same cutoff and cell grid with these capacities (clamped to 1..n and 1..n - 1),
+        on the same device; plain Python, like :meth:`grown`."""
+        new = CellList(self.n_particles, self.cutoff, self.ref_box, cell_capacity=max(1, int(cell_capacity)),
+                       max_neighbors=max(1, int(max_neighbors)), headroom=self.headroom,
+                       chunk_candidates=self.chunk_candidates)
+        return new.to(self.overflow.device)
 
     def grown(self, box=None, positions=None, factor: int = 2) -> "CellList":
         """A new CellList with ``factor`` x the capacities, on the same device, for a restart after an

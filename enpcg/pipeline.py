@@ -759,6 +759,8 @@ def run_simulate(model, backend, pdb, out, time_ps, timestep, temperature, frict
     pot.check_topology(pdb)  # refuse a structure of other beads than the model was trained for
     pos = pdb_pos if positions is None else positions
     system = pot.create_system(pot.topology, box=box, backend=backend)
+    # a TorchForce with fixed-capacity cell lists: restarted with larger ones if they overflow (else None)
+    cell_lists = pot.cell_lists(pot.topology, box=box, backend=backend)
     steps = int(round(time_ps / timestep))
     report = max(1, int(round(report_ps / timestep)))
     if not (np.isfinite(checkpoint_ps) and checkpoint_ps >= 0):
@@ -781,7 +783,7 @@ def run_simulate(model, backend, pdb, out, time_ps, timestep, temperature, frict
                          timestep=timestep, temperature=temperature, friction=friction, report_interval=report,
                          platform=None if platform == "auto" else platform, seed=seed, time_scale=time_scale,
                          checkpoint_interval=checkpoint, resume=resume, health=limits,
-                         identity={"model_sha256": _model_sha256(model)})
+                         identity={"model_sha256": _model_sha256(model)}, cell_lists=cell_lists)
     pot.topology.write_pdb(Path(out) / "cg.pdb", pos, box)
     return res
 

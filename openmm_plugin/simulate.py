@@ -32,6 +32,20 @@ partial files are renamed to ``trajectory.dcd`` and ``log.csv``, and ``run.json`
 call with the same settings returns at once. After a failed health check the last good checkpoint is kept
 (``Simulation.loadCheckpoint`` reads it back). Test hook: ``ENPCG_KILL_AT=simulate:<frames>[:mid]``
 (:mod:`enpcg.crash_test`).
+
+Cell-list overflow (``cell_lists=``, a :class:`openmm_plugin.system.CellLists`; ``enpcg simulate`` passes it
+for every model whose TorchForce finds pairs with the fixed-capacity cell list). An overflowing cell list sets
+a flag on the device that turns the energy into NaN (no host synchronisation inside a step, so CUDA graphs
+keep working), and the next report's health check stops the run. The runner then decides whether the cause was
+an overflow: the eager model with the same capacities is evaluated on the failed structure; if that fits, the
+same structure in a new Context (flag clear) tells whether the NaN was the sticky flag of an earlier overflow,
+which replaying the steps since the last checkpoint locates. After an overflow the capacity that was exceeded
+(beads per cell, partners per bead) is doubled until that structure fits (every capacity is doubled when the
+structure is not at hand, e.g. one the minimiser passed through), the System is rebuilt with them, and the run
+goes on from the last checkpoint (outputs cut back to it, as on resume) or, before the first one, from the
+start; the message names the step and the capacities before and after. ``run.json`` records the capacities
+(``cell_lists``) and each restart (``cell_list_restarts``), and a resumed run starts with them. A starting
+structure that overflows them is fitted before minimisation. Any other failure stops the run as above.
 """
 from __future__ import annotations
 
@@ -308,7 +322,8 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
                    report_interval: Optional[int] = None, platform=None, seed: int = 0, minimize: bool = True,
                    progress: bool = True, precision: Optional[str] = None, time_scale: float = 1.0,
                    checkpoint_interval: Optional[int] = None, resume: bool = True,
-                   health: Optional[HealthLimits] = None, identity: Optional[dict] = None) -> dict:
+                   health: Optional[HealthLimits] = None, identity: Optional[dict] = None,
+                   cell_lists=None) -> dict:
     """Langevin dynamics (LangevinMiddleIntegrator) of ``system``, writing DCD, CSV log and final state.
 
     Parameters
@@ -344,12 +359,19 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
         no pair-distance limit). A failed check stops the run with an EnpcgError naming the step and the beads.
     identity : dict, JSON-able values a resumed run must also match (``enpcg simulate``: the model files'
         sha256, which covers a PythonForce that the System hash cannot)
+    cell_lists : :class:`openmm_plugin.system.CellLists` or None: the fixed-capacity cell lists of ``system``'s
+        TorchForce (``CGPotential.cell_lists`` with the arguments that built ``system``). With it, a run stopped
+        by a non-finite energy is restarted when the cause was a cell-list overflow: see "Cell-list overflow"
+        in the module docstring. Without it (or for any other failure) the run stops with an EnpcgError.
 
     Returns
     -------
     dict with ``trajectory``, ``log``, ``final_state`` (Paths), ``ns_per_day`` (float, dynamics of this call
     only), ``wall_s``, ``platform`` (name), ``steps``, ``report_interval``, ``n_frames``; with checkpoints also
-    ``checkpoint`` (Path) and ``resumed_from_step`` (int, 0 for a fresh run).
+    ``checkpoint`` (Path) and ``resumed_from_step`` (int, 0 for a fresh run); with ``cell_lists`` also
+    ``cell_lists`` (the capacities the run ended with) and ``cell_list_restarts`` (one dict per restart:
+    ``step`` where the overflow stopped the run, ``restart_step`` it went on from, ``before``/``after``
+    capacities).
     """
     n = system.getNumParticles()
     if not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -385,15 +407,27 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
              "final_state": out_dir / "final_state.xml"}
 
     plat, props = _platform(platform, precision)
-    integrator = langevin_integrator(temperature, friction, timestep, n_particles=n)
-    integrator.setRandomNumberSeed(openmm_seed(seed))
-    simulation = app.Simulation(topology, system, integrator, plat, props)
-    attach(integrator)
+
+    def make_simulation(system_):
+        """A Simulation of ``system_`` with a fresh integrator (the checkpoint or the start sets its state)."""
+        integrator = langevin_integrator(temperature, friction, timestep, n_particles=n)
+        integrator.setRandomNumberSeed(openmm_seed(seed))
+        sim = app.Simulation(topology, system_, integrator, plat, props)
+        attach(integrator)
+        return sim
+
+    if cell_lists is not None and cell_lists.n_particles != n:
+        raise EnpcgError(f"cell_lists belong to a System of {cell_lists.n_particles} particles, not this one of {n}; "
+                         "pass CGPotential.cell_lists(...) with the arguments that built this System")
+    start_box = box  # the box of the starting structure, for the cell lists' check of it
+    if cell_lists is not None and box is None:
+        start_box = np.array([row.value_in_unit(unit.nanometer) for row in system.getDefaultPeriodicBoxVectors()])
     checker = HealthReporter(report_interval, health)
     wrap = system.usesPeriodicBoundaryConditions()
-    run = dict(simulation=simulation, checker=checker, wrap=wrap, pos=pos, box=box, steps=steps,
-               timestep=timestep, temperature=temperature, report_interval=report_interval, seed=seed,
-               minimize=minimize, progress=progress, time_scale=time_scale, paths=paths)
+    run = dict(make=make_simulation, system=system, cells=cell_lists, start_box=start_box, plat_name=plat.getName(),
+               checker=checker, wrap=wrap, pos=pos, box=box, steps=steps, timestep=timestep, temperature=temperature,
+               report_interval=report_interval, seed=seed, minimize=minimize, progress=progress,
+               time_scale=time_scale, paths=paths)
     if checkpoint_interval is None:
         return _run_once(**run)
     friction_key = np.asarray(friction, dtype=np.float64).ravel()
@@ -408,16 +442,152 @@ def run_simulation(system: openmm.System, topology: app.Topology, positions, box
                              fingerprint=_fingerprint(system, pos, box, settings))
 
 
+# ------------------------------------------------------------------------------------------ cell-list overflow
+_FAILURES = (SimulationHealthError, openmm.OpenMMException, ValueError)
+
+
+def _energy_not_finite(simulation) -> bool:
+    """Whether the Context's potential energy is NaN or infinite (or cannot be computed): what an overflowed
+    cell list gives (its poisoned energy, :meth:`enpcg.neighbors.PairList.poison`), among other blow-ups."""
+    try:
+        energy = simulation.context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
+            unit.kilojoule_per_mole)
+    except Exception:
+        return True
+    return not np.isfinite(energy)
+
+
+def _positions_and_box(simulation):
+    """(positions (n, 3), box (3, 3)) in nm of the Context, unwrapped: what its TorchForce is handed."""
+    state = simulation.context.getState(getPositions=True)
+    return (np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64),
+            np.asarray(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64))
+
+
+def _first_non_finite(simulation, until_step):
+    """Step ``simulation`` one step at a time (from its current state) up to ``until_step``; (positions, box)
+    of the first state whose energy is not finite, or None."""
+    while True:
+        if _energy_not_finite(simulation):
+            return _positions_and_box(simulation)
+        if simulation.currentStep >= until_step:
+            return None
+        try:
+            simulation.step(1)
+        except _FAILURES:  # coordinates turned NaN without a non-finite energy first: not an overflow
+            return None
+
+
+_UNLOCATED = "unlocated"  # an overflow whose structure was not found (e.g. one the minimiser passed through)
+
+
+def _overflow_state(simulation, cells, fresh_energy_finite, replay):
+    """After a failed run: whether the cell lists ``cells`` overflowed, and where. Returns (positions, box) nm
+    of a structure at which they overflow, :data:`_UNLOCATED` when they did overflow at a structure no longer
+    at hand, or None when the failure is not an overflow.
+
+    The TorchForce's overflow flag stays inside OpenMM (not readable here); an overflow shows as a NaN energy
+    from then on. So, for a failure with a non-finite energy: (1) the eager model with the same capacities
+    (``cells``) is evaluated on the failed structure. (2) Else, if the same structure gives a finite energy in
+    a new Context (``fresh_energy_finite(positions, box)``: its flag is clear), the NaN was the sticky flag of
+    an earlier overflow (a crowding since the last report that has passed, or one inside the minimiser): the
+    steps since the last checkpoint are replayed (``replay()``: a new Simulation there and the step to replay
+    to, or None without a checkpoint) to find it. (3) A failed structure with non-finite coordinates is located
+    by the replay too. Anything else (a NaN the structure itself gives) is not an overflow.
+    """
+    if cells is None or not _energy_not_finite(simulation):
+        return None  # an overflow always makes the energy NaN (until a restart)
+    pos, box = _positions_and_box(simulation)
+    finite = bool(np.isfinite(pos).all() and np.isfinite(box).all())
+    if finite:
+        if cells.overflowed(pos, box):
+            return pos, box
+        if not fresh_energy_finite(pos, box):
+            return None  # the structure itself gives the NaN: not the flag
+    start = replay()
+    found = _first_non_finite(*start) if start is not None else None
+    if found is not None and np.isfinite(found[0]).all() and cells.overflowed(*found):
+        return found
+    return _UNLOCATED if finite else None
+
+
+def _fresh_energy_finite(make, system):
+    """A function (positions, box) nm -> whether a new Context of ``system`` gives them a finite energy."""
+
+    def check(pos, box):
+        sim = make(system)
+        sim.context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+        sim.context.setPositions(pos)
+        return not _energy_not_finite(sim)
+
+    return check
+
+
+def _capacities_text(before, after):
+    return "; ".join(f"cell list {k}: cell_capacity {b['cell_capacity']} -> {a['cell_capacity']}, max_neighbors "
+                     f"{b['max_neighbors']} -> {a['max_neighbors']}" for k, (b, a) in enumerate(zip(before, after))
+                     if a != b) or "capacities unchanged"
+
+
+def _grow(cells, found, step, restart_step, where):
+    """Grow ``cells`` after an overflow: to fit the structure ``found`` (positions, box), or, when it is
+    :data:`_UNLOCATED`, by doubling every capacity. Prints what changed; returns the record for run.json."""
+    before = cells.capacities
+    unlocated = isinstance(found, str)
+    after = cells.double() if unlocated else cells.grow(*found)
+    how = ("at a structure no longer at hand (the minimiser's?), so every capacity is doubled" if unlocated else
+           "the capacity it exceeded is doubled until that structure fits")
+    print(f"{where}: the fixed-capacity cell list overflowed by step {step} (its energy turned NaN); {how}: "
+          f"{_capacities_text(before, after)}; restarting from step {restart_step}")
+    return {"step": int(step), "restart_step": int(restart_step), "before": before, "after": after}
+
+
+def _failed_step(e, simulation):
+    return e.step if isinstance(e, SimulationHealthError) else simulation.currentStep
+
+
 def _result(paths, wall, steps_run, timestep, plat_name, steps, report_interval, **extra):
     ns_per_day = steps_run * timestep * 1e-3 / (wall / 86400.0) if wall > 0 else float("inf")
     return {**paths, "ns_per_day": float(ns_per_day), "wall_s": float(wall), "platform": plat_name,
             "steps": steps, "report_interval": report_interval, "n_frames": steps // report_interval, **extra}
 
 
-def _run_once(simulation, checker, wrap, pos, box, steps, timestep, temperature, report_interval, seed, minimize,
-              progress, time_scale, paths):
-    """No checkpoints: every output is written under a temporary name and renamed when the run has finished."""
-    _start_state(simulation, pos, box, minimize, temperature, seed)
+def _run_once(make, system, cells, start_box, plat_name, checker, wrap, pos, box, steps, timestep, temperature,
+              report_interval, seed, minimize, progress, time_scale, paths):
+    """No checkpoints: every output is written under a temporary name and renamed when the run has finished.
+    A cell-list overflow (``cells``) restarts the whole run with larger capacities (the outputs of the
+    failed attempt are discarded with their temporary files)."""
+    restarts = []
+    if cells is not None and cells.overflowed(pos, start_box):  # the start itself: grow before minimising
+        restarts.append(_grow(cells, (pos, start_box), 0, 0, str(paths["trajectory"].parent)))
+        system = cells.system(system)
+    while True:
+        simulation = make(system)
+        _start_state(simulation, pos, box, minimize, temperature, seed)
+        try:
+            wall = _dynamics_once(simulation, checker, wrap, steps, report_interval, progress, time_scale, paths)
+            break
+        except _FAILURES as e:
+            failed = _failed_step(e, simulation)
+
+            def replay():
+                sim = make(system)
+                _start_state(sim, pos, box, minimize, temperature, seed)
+                return sim, min(steps, failed + report_interval)
+
+            found = _overflow_state(simulation, cells, _fresh_energy_finite(make, system), replay)
+            if found is None:
+                # OpenMM: NaN coordinates; ValueError: a writer refusing NaN. Outputs of this run are discarded.
+                raise _failure(e, simulation, steps, timestep) from None
+            restarts.append(_grow(cells, found, failed, 0, str(paths["trajectory"].parent)))
+            system = cells.system(system)
+    extra = {} if cells is None else {"cell_lists": cells.capacities, "cell_list_restarts": restarts}
+    return _result(paths, wall, steps, timestep, plat_name, steps, report_interval, **extra)
+
+
+def _dynamics_once(simulation, checker, wrap, steps, report_interval, progress, time_scale, paths):
+    """Dynamics of a run without checkpoints into temporary outputs, renamed at the end; returns the wall time
+    (s). A failure (SimulationHealthError, OpenMMException, ValueError) propagates; its outputs are removed."""
     with contextlib.ExitStack() as stack:
         tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
         log_fh = stack.enter_context(open(tmp["log"], "w"))
@@ -434,18 +604,15 @@ def _run_once(simulation, checker, wrap, pos, box, steps, timestep, temperature,
         try:
             _check_now(simulation, checker)
             simulation.step(steps)
-        except (SimulationHealthError, openmm.OpenMMException, ValueError) as e:
-            # OpenMM: NaN coordinates; ValueError: a writer refusing NaN. Outputs of this run are discarded
-            # (temporary files are removed on the way out).
-            raise _failure(e, simulation, steps, timestep) from None
+        finally:
+            simulation.reporters.clear()
         wall = time.perf_counter() - t0
-        simulation.reporters.clear()
         simulation.saveState(str(tmp["final_state"]))
         if time_scale != 1.0:
             log_fh.flush()
             _add_mapped_time(tmp["log"], time_scale)
         # ExitStack closes the bar, the DCD and the log, then renames each temporary file onto its target.
-    return _result(paths, wall, steps, timestep, simulation.context.getPlatform().getName(), steps, report_interval)
+    return wall
 
 
 def _read_run_json(path):
@@ -455,12 +622,13 @@ def _read_run_json(path):
         return None
 
 
-def _run_checkpointed(simulation, checker, wrap, pos, box, steps, timestep, temperature, report_interval, seed,
-                      minimize, progress, time_scale, paths, out_dir, checkpoint_interval, resume, fingerprint):
-    """Checkpointed run: growing ``*.partial.*`` outputs, ``checkpoint.chk`` and ``run.json``; resumable."""
+def _run_checkpointed(make, system, cells, start_box, plat_name, checker, wrap, pos, box, steps, timestep,
+                      temperature, report_interval, seed, minimize, progress, time_scale, paths, out_dir,
+                      checkpoint_interval, resume, fingerprint):
+    """Checkpointed run: growing ``*.partial.*`` outputs, ``checkpoint.chk`` and ``run.json``; resumable.
+    A cell-list overflow (``cells``) restarts from the last checkpoint with larger capacities."""
     chk, run_json = out_dir / CHECKPOINT, out_dir / RUN_JSON
     partial = {k: out_dir / name for k, name in PARTIAL.items()}
-    plat_name = simulation.context.getPlatform().getName()
     stored = _read_run_json(run_json) if resume else None
     start_step = 0
     if stored is not None and chk.exists():
@@ -479,7 +647,23 @@ def _run_checkpointed(simulation, checker, wrap, pos, box, steps, timestep, temp
             raise EnpcgError(f"{out_dir}: holds an unfinished run with other settings ({was}; this run: "
                              f"{now}), so it cannot be resumed. Fix: rerun with the same settings to resume it, "
                              "start over with --resume false (resume=False), or choose another output folder")
-    if stored is not None and chk.exists():
+    resumed = stored is not None and chk.exists()
+    restarts = list(stored.get("cell_list_restarts", [])) if resumed else []
+    if resumed and cells is not None and stored.get("cell_lists"):
+        # An earlier attempt grew the cell lists: resume with its capacities (never smaller than these).
+        grown = [{k: max(int(a[k]), int(b[k])) for k in ("cell_capacity", "max_neighbors")}
+                 for a, b in zip(stored["cell_lists"], cells.capacities)]
+        if len(stored["cell_lists"]) == len(cells.capacities) and grown != cells.capacities:
+            print(f"{out_dir}: resuming with the cell-list capacities recorded in {RUN_JSON} "
+                  f"({_capacities_text(cells.capacities, grown)})")
+            cells.set_capacities(grown)
+            system = cells.system(system)
+    if not resumed and cells is not None and cells.overflowed(pos, start_box):
+        # The starting structure itself overflows the cell lists: grow them before minimising.
+        restarts.append(_grow(cells, (pos, start_box), 0, 0, str(out_dir)))
+        system = cells.system(system)
+    simulation = make(system)
+    if resumed:
         try:
             simulation.loadCheckpoint(str(chk))
         except Exception as e:
@@ -490,31 +674,44 @@ def _run_checkpointed(simulation, checker, wrap, pos, box, steps, timestep, temp
         if start_step > steps:
             raise EnpcgError(f"{chk}: checkpoint is at step {start_step} but this run asks for {steps} steps. Fix: ask "
                              "for at least as many steps, or start over with --resume false (resume=False)")
-    resumed = start_step > 0 or (stored is not None and chk.exists())
     for stale in out_dir.glob(f".{CHECKPOINT}.*.tmp*"):  # a checkpoint a killed run had not renamed yet
         stale.unlink(missing_ok=True)
+
+    def record(complete=False, **extra):
+        """run.json: the fingerprint, and with cell lists their capacities (a resumed run starts with them)."""
+        data = {"fingerprint": fingerprint, "steps": steps, "complete": complete}
+        if cells is not None:
+            data.update(cell_lists=cells.capacities, cell_list_restarts=restarts)
+        write_json(run_json, {**data, **extra})
+
+    def cut_back(frames, step):
+        """Cut the partial outputs back to the ``frames`` frames that the checkpoint (at ``step``) covers."""
+        if not all(p.exists() for p in partial.values()):
+            raise EnpcgError(f"{out_dir}: the checkpoint is at step {step} but "
+                             f"{' and '.join(p.name for p in partial.values() if not p.exists())} is missing, so "
+                             "the run cannot continue without a gap. Fix: start over with --resume false "
+                             "(resume=False)")
+        _truncate_dcd(partial["trajectory"], frames, report_interval)
+        _truncate_log(partial["log"], frames)
+
     frames = start_step // report_interval
     if not resumed:
         for p in (chk, run_json, *partial.values()):
             p.unlink(missing_ok=True)  # a stale checkpoint must never pair with new outputs
-        write_json(run_json, {"fingerprint": fingerprint, "steps": steps, "complete": False})
+        record()
         _start_state(simulation, pos, box, minimize, temperature, seed)
     else:
-        write_json(run_json, {"fingerprint": fingerprint, "steps": steps, "complete": False})
+        record()
         if start_step < steps and frames > 0:  # frames after the checkpoint are redone
-            if not all(p.exists() for p in partial.values()):
-                raise EnpcgError(f"{out_dir}: the checkpoint is at step {start_step} but "
-                                 f"{' and '.join(p.name for p in partial.values() if not p.exists())} is missing, so "
-                                 "the run cannot continue without a gap. Fix: start over with --resume false "
-                                 "(resume=False)")
-            _truncate_dcd(partial["trajectory"], frames, report_interval)
-            _truncate_log(partial["log"], frames)
-    append = resumed and frames > 0
+            cut_back(frames, start_step)
     note = (f" The last good checkpoint is {chk} (step {{step}}); the trajectory so far is in "
             f"{partial['trajectory'].name} and {partial['log'].name}.")
+    last = {"step": start_step if resumed else None}  # step of the last checkpoint on disk
 
-    t0 = time.perf_counter()
-    if start_step < steps:
+    def dynamics(simulation, fresh, frames):
+        """From the current state to ``steps``, appending to the partial outputs after their first ``frames``
+        frames; ``fresh``: also checkpoint the starting state. A failure propagates."""
+        append = frames > 0
         with contextlib.ExitStack() as stack:
             log_fh = stack.enter_context(open(partial["log"], "a" if append else "w"))
             dcd = app.DCDReporter(str(partial["trajectory"]), report_interval, append=append)
@@ -522,7 +719,6 @@ def _run_checkpointed(simulation, checker, wrap, pos, box, steps, timestep, temp
             log = app.StateDataReporter(log_fh, report_interval, step=True, time=True, potentialEnergy=True,
                                         kineticEnergy=True, temperature=True, speed=True, separator=",",
                                         append=append)
-            last = {"step": start_step if resumed else None}  # step of the last checkpoint on disk
 
             def checkpoint(sim, index):
                 _save_checkpoint(sim, chk, index, files=(dcd._out, log_fh))
@@ -533,19 +729,51 @@ def _run_checkpointed(simulation, checker, wrap, pos, box, steps, timestep, temp
             stack.callback(bar.close)
             try:
                 _check_now(simulation, checker)
-                if not resumed:
+                if fresh:
                     checkpoint(simulation, 0)  # the starting state: a failure at the first report resumes here
                 bar.start(simulation.currentStep)
                 simulation.reporters.extend([outputs, bar])
                 simulation.step(steps - simulation.currentStep)
-            except (SimulationHealthError, openmm.OpenMMException, ValueError) as e:
-                where = (note.format(step=last["step"]) if last["step"] is not None else
-                         " The starting state failed, so no checkpoint was written.")
-                raise _failure(e, simulation, steps, timestep, where) from None
             finally:
                 simulation.reporters.clear()
             if simulation.currentStep != last["step"]:
                 checkpoint(simulation, outputs.frames)  # the last step, when it is not a checkpoint step
+
+    t0 = time.perf_counter()
+    fresh = not resumed
+    while start_step < steps:
+        try:
+            dynamics(simulation, fresh, frames)
+            break
+        except _FAILURES as e:
+            failed = _failed_step(e, simulation)
+
+            def replay():
+                if last["step"] is None:
+                    return None
+                sim = make(system)  # the same capacities, a new Context (whose overflow flag is clear)
+                sim.loadCheckpoint(str(chk))
+                return sim, min(steps, failed + report_interval)
+
+            found = _overflow_state(simulation, cells, _fresh_energy_finite(make, system), replay)
+            if found is None:
+                where = (note.format(step=last["step"]) if last["step"] is not None else
+                         " The starting state failed, so no checkpoint was written.")
+                raise _failure(e, simulation, steps, timestep, where) from None
+            # Restart from the last checkpoint (or the start) with grown cell lists; frames after it are redone.
+            restarts.append(_grow(cells, found, failed, last["step"] or 0, str(out_dir)))
+            system = cells.system(system)
+            simulation = make(system)
+            if last["step"] is None:
+                _start_state(simulation, pos, box, minimize, temperature, seed)
+                frames = 0
+            else:
+                simulation.loadCheckpoint(str(chk))
+                frames = last["step"] // report_interval
+                fresh = False
+                if frames > 0:
+                    cut_back(frames, last["step"])
+            record()
     wall = time.perf_counter() - t0
 
     # Finish: each step below is idempotent, so a kill in between is finished by the next call.
@@ -559,7 +787,8 @@ def _run_checkpointed(simulation, checker, wrap, pos, box, steps, timestep, temp
         partial["log"].unlink()
     if partial["trajectory"].exists():
         os.replace(partial["trajectory"], paths["trajectory"])
+    extra = {} if cells is None else {"cell_lists": cells.capacities, "cell_list_restarts": restarts}
     result = _result({}, wall, steps - start_step, timestep, plat_name, steps, report_interval,
-                     checkpoint=str(chk), resumed_from_step=start_step)
-    write_json(run_json, {"fingerprint": fingerprint, "steps": steps, "complete": True, "result": result})
+                     checkpoint=str(chk), resumed_from_step=start_step, **extra)
+    record(complete=True, result=result)
     return {**paths, **result, "checkpoint": chk}

@@ -14,6 +14,7 @@ TorchForce or a PythonForce runs code when loaded or evaluated: load only files 
 """
 from __future__ import annotations
 
+import copy
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -182,6 +183,40 @@ class CGPotential:
         return masses, _box_array(box, f"{source} periodic box") if box is not None else None
 
     # ------------------------------------------------------------------ systems
+    def _system_args(self, cg_topology, box, kw):
+        """(masses amu, box nm or None, periodic, export_forces keywords) of a System, as create_system reads
+        its arguments."""
+        masses, top_box = self._check_topology(cg_topology)
+        box = _box_array(box, "box") if box is not None else top_box
+        if box is None and "periodic" not in kw and _fitted_periodic(self.model.config):
+            raise EnpcgError(f"the {self.model.kind!r} model is periodic (its config says periodic: true) but no box "
+                             "was given: pass box=(3, 3) nm or a PDB/Topology with a CRYST1 box, or "
+                             "periodic=False to simulate it as an isolated cluster")
+        kw = dict(kw)
+        periodic = kw.pop("periodic", box is not None)
+        if periodic and box is None:
+            raise EnpcgError("periodic=True needs a box: pass box=(3, 3) nm or a PDB/Topology that has one")
+        kw.setdefault("dtype", self.dtype)
+        if kw.get("cuda_graphs") and box is not None:
+            kw.setdefault("box", box)  # sizes the graph-safe cell list
+        return masses, box, periodic, kw
+
+    @staticmethod
+    def _particles(masses, box, remove_cm_motion: bool) -> openmm.System:
+        """A System of the beads (masses amu) with box vectors ``box`` (nm) and no model forces yet."""
+        system = openmm.System()
+        for m in masses:
+            system.addParticle(float(m))
+        if box is not None:
+            try:
+                system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+            except openmm.OpenMMException as e:
+                raise EnpcgError(f"box {box.tolist()} nm is not in OpenMM's reduced form (a along x, b in the xy "
+                                 f"plane, |b_x| <= a_x/2, ...): {e}") from None
+        if remove_cm_motion:
+            system.addForce(openmm.CMMotionRemover())
+        return system
+
     def create_system(self, cg_topology=None, *, box=None, backend: str = "torch",
                       remove_cm_motion: bool = True, **kw) -> openmm.System:
         """An OpenMM System of the CG beads with the model's forces.
@@ -205,33 +240,40 @@ class CGPotential:
         Returns
         -------
         openmm.System : one particle per bead (mass in amu), box vectors set, the model's forces.
+
+        A TorchForce whose model finds pairs with the fixed-capacity cell list (``cuda_graphs=True``, or a
+        ``"cells"`` pair list in the model's config) stops a run with a NaN energy when the list overflows;
+        :meth:`cell_lists` (same arguments) gives what ``run_simulation(cell_lists=...)`` needs to restart it
+        with larger capacities.
         """
-        masses, top_box = self._check_topology(cg_topology)
-        box = _box_array(box, "box") if box is not None else top_box
-        if box is None and "periodic" not in kw and _fitted_periodic(self.model.config):
-            raise EnpcgError(f"the {self.model.kind!r} model is periodic (its config says periodic: true) but no box "
-                             "was given: pass box=(3, 3) nm or a PDB/Topology with a CRYST1 box, or "
-                             "periodic=False to simulate it as an isolated cluster")
-        periodic = kw.pop("periodic", box is not None)
-        if periodic and box is None:
-            raise EnpcgError("periodic=True needs a box: pass box=(3, 3) nm or a PDB/Topology that has one")
-        system = openmm.System()
-        for m in masses:
-            system.addParticle(float(m))
-        if box is not None:
-            try:
-                system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
-            except openmm.OpenMMException as e:
-                raise EnpcgError(f"box {box.tolist()} nm is not in OpenMM's reduced form (a along x, b in the xy "
-                                 f"plane, |b_x| <= a_x/2, ...): {e}") from None
-        if remove_cm_motion:
-            system.addForce(openmm.CMMotionRemover())
-        kw.setdefault("dtype", self.dtype)
-        if kw.get("cuda_graphs") and box is not None:
-            kw.setdefault("box", box)  # sizes the graph-safe cell list
+        masses, box, periodic, kw = self._system_args(cg_topology, box, kw)
+        system = self._particles(masses, box, remove_cm_motion)
         for f in export_forces(self.model, backend, periodic=periodic, **kw):
             system.addForce(f)
         return system
+
+    def cell_lists(self, cg_topology=None, *, box=None, backend: str = "torch", remove_cm_motion: bool = True,
+                   **kw) -> Optional["CellLists"]:
+        """The fixed-capacity cell lists of the System that :meth:`create_system` builds from the same arguments,
+        as a :class:`CellLists` (checks a structure against their capacities, rebuilds the System with larger
+        ones), or None when that System has none (backend other than "torch", no periodic box, or no "cells"
+        pair list after the graph-safe swap of ``cuda_graphs=True``). For
+        :func:`openmm_plugin.simulate.run_simulation` (``cell_lists=``)."""
+        if backend != "torch":
+            return None
+        masses, box, periodic, kw = self._system_args(cg_topology, box, kw)
+        if not periodic:
+            return None
+        if kw.get("cuda_graphs"):
+            from .export import graph_safe_model
+
+            model = graph_safe_model(self.model, kw.get("box"))  # what export_forces scripts
+        else:
+            model = self.model
+        if not _cell_pair_lists(model):
+            return None
+        model = copy.deepcopy(model)  # graph_safe_model may return the model itself; its lists get replaced
+        return CellLists(model, _resolve_dtype(self.model, kw.get("dtype")), len(masses), kw)
 
     def add_forces(self, system: openmm.System, *, backend: str = "torch", force_group: int = 0,
                    periodic: bool = True, **kw) -> list:
@@ -249,6 +291,149 @@ class CGPotential:
         for f in forces:
             system.addForce(f)
         return forces
+
+
+def _cell_pair_lists(model) -> list:
+    """The PairLists of ``model`` (in module order) that find pairs with a fixed-capacity CellList."""
+    from enpcg.neighbors import PairList
+
+    return [m for m in model.modules() if isinstance(m, PairList) and len(m.cells) > 0]
+
+
+class CellLists:
+    """The fixed-capacity cell lists (:class:`enpcg.cell_list.CellList`) of a CG System's TorchForce, and how to
+    rebuild that System with larger ones: what :func:`openmm_plugin.simulate.run_simulation` (``cell_lists=``)
+    uses to restart a run whose cell list overflowed. Made by :meth:`CGPotential.cell_lists`.
+
+    The TorchForce's overflow flag lives inside OpenMM's copy of the module and cannot be read from Python;
+    :meth:`overflowed` evaluates an eager copy of the same model (same capacities, same dtype) on a structure
+    instead. Units: nm.
+
+    Attributes: ``n_particles`` (int); :attr:`capacities`, one ``{"cell_capacity", "max_neighbors"}`` per cell
+    list in module order (JSON-able; :meth:`set_capacities` takes the same list back).
+    """
+
+    def __init__(self, model: CGModel, dtype: torch.dtype, n_particles: int, export_kw: dict):
+        model = model.to(dtype)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._model, self._dtype = model, dtype
+        kw = dict(export_kw)
+        self._cuda_graphs = bool(kw.pop("cuda_graphs", False))
+        kw.pop("box", None)  # the model already holds its cell lists: export it as it is (see system())
+        kw.pop("dtype", None)
+        self._export_kw = kw
+        self.n_particles = int(n_particles)
+
+    def _lists(self):
+        return [pl.cells[0] for pl in _cell_pair_lists(self._model)]
+
+    @property
+    def capacities(self) -> list:
+        return [{"cell_capacity": int(cl.cell_capacity), "max_neighbors": int(cl.max_neighbors)}
+                for cl in self._lists()]
+
+    def set_capacities(self, capacities: list) -> None:
+        """Rebuild the cell lists with ``capacities`` (as :attr:`capacities` gives them)."""
+        pls = _cell_pair_lists(self._model)
+        if len(capacities) != len(pls):
+            raise EnpcgError(f"{len(capacities)} cell-list capacities given for a model with {len(pls)} cell lists")
+        for pl, cap in zip(pls, capacities):
+            pl.cells[0] = pl.cells[0].with_capacities(cap["cell_capacity"], cap["max_neighbors"]).to(self._dtype)
+
+    def _tensors(self, positions, box):
+        x = torch.as_tensor(np.asarray(positions, dtype=np.float64)).to(self._dtype)
+        b = torch.as_tensor(np.asarray(box, dtype=np.float64)).to(self._dtype)
+        return x, b
+
+    def overflowed(self, positions, box) -> bool:
+        """Whether the cell lists at their present capacities overflow on ``positions`` (n, 3) in ``box`` (3, 3)
+        (nm), as the TorchForce's would on the same input (openmm-torch hands it float64 positions on the
+        Reference and CPU platforms; the model casts them to its dtype, as here)."""
+        x, b = self._tensors(positions, box)
+        if not (torch.isfinite(x).all() and torch.isfinite(b).all()):
+            return False
+        for cl in self._lists():
+            cl.reset_overflow()
+        with torch.no_grad():
+            self._model(x, b)
+        return any(cl.overflowed() for cl in self._lists())
+
+    def grow(self, positions, box, max_capacity_factor: int = 1 << 10) -> list:
+        """Double the capacity that ``positions`` in ``box`` overflow (a cell's, a particle's partners, or
+        both), as often as needed, until :meth:`overflowed` is False there; return the new
+        :attr:`capacities`. EnpcgError when that needs more than ``max_capacity_factor`` x the present
+        capacities, or when no capacity would help (a box shrunk below the cell grid)."""
+        x, b = self._tensors(positions, box)
+        for pl in _cell_pair_lists(self._model):
+            cl = pl.cells[0]
+            need_cell, need_nb = cl.needed(x, b)
+            cap, nb = cl.cell_capacity, cl.max_neighbors
+            while cap < min(need_cell, cl.n_particles):
+                cap *= 2
+            while nb < min(need_nb, cl.n_particles - 1):
+                nb *= 2
+            if cap > max_capacity_factor * cl.cell_capacity or nb > max_capacity_factor * cl.max_neighbors:
+                raise EnpcgError(f"the cell list would need cell_capacity {need_cell} and max_neighbors {need_nb} "
+                                 f"(now {cl.cell_capacity} and {cl.max_neighbors}): more than "
+                                 f"{max_capacity_factor}x; the structure has collapsed. Fix: check the model")
+            if (cap, nb) != (cl.cell_capacity, cl.max_neighbors):
+                pl.cells[0] = cl.with_capacities(cap, nb).to(self._dtype)
+        if self.overflowed(positions, box):
+            raise EnpcgError("the cell list overflows although its capacities hold the fullest cell and the most "
+                             "partners of this structure: its cells are narrower than the cutoff (the box shrank "
+                             "below the grid it was built for). Fix: rebuild the model's pair list for this box")
+        return self.capacities
+
+    def double(self) -> list:
+        """Double every capacity of every cell list (after an overflow at a structure no longer at hand, e.g.
+        one the minimiser passed through); return the new :attr:`capacities`. EnpcgError when they are
+        already as large as the particle count allows."""
+        before = self.capacities
+        for pl in _cell_pair_lists(self._model):
+            pl.cells[0] = pl.cells[0].grown().to(self._dtype)
+        if self.capacities == before:
+            raise EnpcgError(f"the cell list overflowed with capacities {before}, already as large as "
+                             f"{self.n_particles} particles allow: its cells are narrower than the cutoff (the box "
+                             "shrank below the grid it was built for). Fix: rebuild the model's pair list for this box")
+        return self.capacities
+
+    def system(self, system: openmm.System) -> openmm.System:
+        """A copy of ``system`` (the one built with these cell lists: its particles, box, constraints and other
+        forces are kept) whose TorchForce is replaced by one exported with the present capacities."""
+        for pl in _cell_pair_lists(self._model):
+            pl.cells[0].reset_overflow()
+        # The model is already graph-safe with these capacities: exported as it is (export_forces would swap
+        # in freshly sized cell lists with cuda_graphs=True), with the CUDA-graph property set here.
+        forces = export_forces(self._model, "torch", periodic=True, dtype=self._dtype, **self._export_kw)
+        if self._cuda_graphs:
+            for f in forces:
+                f.setProperty("useCUDAGraphs", "true")
+        return _replace_torch_forces(system, forces)
+
+
+def _replace_torch_forces(system: openmm.System, forces: list) -> openmm.System:
+    """A copy of ``system`` with its TorchForces replaced, in order, by ``forces`` (as many). The copy goes
+    through XML (the TorchForces themselves are never deserialized, see :func:`deserialize_system`)."""
+    root = ET.fromstring(openmm.XmlSerializer.serialize(system))
+    forces_el = root.find("Forces")
+    elements = list(forces_el) if forces_el is not None else []
+    n_torch = sum(el.get("type") == "TorchForce" for el in elements)
+    if n_torch != len(forces):
+        raise EnpcgError(f"the System holds {n_torch} TorchForce(s), but the cell lists belong to a model exported "
+                         f"as {len(forces)}: pass CGPotential.cell_lists(...) with the arguments of the "
+                         "create_system call that built this System")
+    for el in elements:
+        forces_el.remove(el)
+    new = openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode"))
+    replacements = iter(forces)
+    for el in elements:
+        if el.get("type") == "TorchForce":
+            new.addForce(next(replacements))
+        else:
+            new.addForce(openmm.XmlSerializer.deserialize(ET.tostring(el, encoding="unicode")))
+    return new
 
 
 # ---------------------------------------------------------------------- System XML files
