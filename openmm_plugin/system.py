@@ -424,16 +424,24 @@ def _replace_torch_forces(system: openmm.System, forces: list) -> openmm.System:
         raise EnpcgError(f"the System holds {n_torch} TorchForce(s), but the cell lists belong to a model exported "
                          f"as {len(forces)}: pass CGPotential.cell_lists(...) with the arguments of the "
                          "create_system call that built this System")
+    replacements = iter(forces)
+    return _rebuild_with_forces(root, lambda el: next(replacements))
+
+
+def _rebuild_with_forces(root: ET.Element, torch_force) -> openmm.System:
+    """The System of the XML tree ``root`` with its forces re-added in order: OpenMM's own deserialized, each
+    TorchForce element replaced by ``torch_force(element)`` (OpenMM's XML reader cannot rebuild TorchForces)."""
+    forces_el = root.find("Forces")
+    elements = list(forces_el)
     for el in elements:
         forces_el.remove(el)
-    new = openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode"))
-    replacements = iter(forces)
+    system = openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode"))
     for el in elements:
         if el.get("type") == "TorchForce":
-            new.addForce(next(replacements))
+            system.addForce(torch_force(el))
         else:
-            new.addForce(openmm.XmlSerializer.deserialize(ET.tostring(el, encoding="unicode")))
-    return new
+            system.addForce(openmm.XmlSerializer.deserialize(ET.tostring(el, encoding="unicode")))
+    return system
 
 
 # ---------------------------------------------------------------------- System XML files
@@ -489,15 +497,7 @@ def deserialize_system(xml: str) -> openmm.System:
     if not any(el.get("type") == "TorchForce" for el in force_elements):
         return openmm.XmlSerializer.deserialize(xml)
     import_openmmtorch()
-    for el in force_elements:
-        forces_el.remove(el)
-    system = openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode"))
-    for el in force_elements:
-        if el.get("type") == "TorchForce":
-            system.addForce(_torch_force_from_element(el))
-        else:
-            system.addForce(openmm.XmlSerializer.deserialize(ET.tostring(el, encoding="unicode")))
-    return system
+    return _rebuild_with_forces(root, _torch_force_from_element)
 
 
 def load_system(path) -> openmm.System:
