@@ -160,7 +160,7 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
                  batch_size: int = 8, length_scale: Optional[float] = None, val_fraction: float = 0.2,
                  seed: int = 0, max_seconds: Optional[float] = None, out_dir=None, device: str = "auto",
                  progress: bool = False, lr_final: float = 0.05, optimizer: str = "adam",
-                 odd_decay: float = 1.0, grad_clip: Optional[float] = None) -> dict:
+                 odd_decay: float = 1.0, grad_clip: Optional[float] = None, weight_decay: float = 0.0) -> dict:
     """Fit ``model`` in place to ``data`` by force-and-torque matching (module docstring); returns the history.
 
     epochs : passes over the training frames; lr : Adam step, decayed by a cosine to lr * lr_final;
@@ -174,6 +174,11 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
     parity-odd (pseudoscalar) channel of ``oriented_neural`` terms (parameters named ``odd.*``): the chiral
     channel stays near zero unless the data need it (on achiral data it would otherwise absorb noise and make
     an achiral system look chiral).
+    weight_decay : decoupled weight decay of every other trainable parameter (default 0). Use it for a neural
+    correction on top of a fitted prior (:func:`fit_prior_and_correction`): force matching barely sees an energy
+    that is nearly constant per pair inside the cutoff (it only shows in the switching region's forces), yet
+    such a term changes the energy of each frame with its number of pairs; the decay keeps the correction at
+    zero wherever the forces do not ask for it.
     grad_clip : Adam only: the gradient's norm is clipped to this many times the median norm of the steps so
     far (None: no clipping). Why: a frame with a pair deep on an r^-12 wall gives a gradient orders of magnitude
     above the rest; one such step inflates Adam's second-moment estimate for thousands of steps and stalls
@@ -196,7 +201,7 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
     params = [p for p in model.parameters() if p.requires_grad]
     odd = [p for n, p in model.named_parameters() if p.requires_grad and (n.startswith("odd.") or ".odd." in n)]
     rest = [p for p in params if all(p is not q for q in odd)]
-    groups = [{"params": rest, "weight_decay": 0.0}] + ([{"params": odd, "weight_decay": odd_decay}] if odd else [])
+    groups = [{"params": rest, "weight_decay": float(weight_decay)}] + ([{"params": odd, "weight_decay": odd_decay}] if odd else [])
     opt = torch.optim.AdamW(groups, lr=lr) if optimizer == "adam" else \
         torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
     history = {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": [], "length_scale": l,
@@ -308,3 +313,44 @@ def fit_oriented(model: OrientedModel, data: OrientedData, *, epochs: int = 200,
     if out_dir is not None:
         write_json(Path(out_dir) / "history.json", history)
     return history
+
+
+def fit_prior_and_correction(prior: OrientedModel, correction: OrientedModel, data: OrientedData, *,
+                             prior_epochs: int = 150, prior_lr: float = 0.05, prior_batch_size: int = 10,
+                             lbfgs_epochs: int = 3, epochs: int = 80, lr: float = 3e-3, batch_size: int = 2,
+                             weight_decay: float = 1.0, val_fraction: float = 0.2, grad_clip: Optional[float] = 3.0,
+                             length_scale: Optional[float] = None, seed: int = 0, device: str = "auto",
+                             progress: bool = False):
+    """A physical prior (e.g. ``gay_berne``) fitted first, then a neural correction on top of it, frozen prior.
+
+    Returns (``oriented_sum`` model of prior + correction in the correction's dtype, {"prior": history,
+    "correction": history}). Units as :func:`fit_oriented` (nm, kJ/mol, kJ/mol/nm).
+
+    Why two stages: a few-parameter prior of the right form converges tightly under L-BFGS (Adam first brings
+    it near the optimum; ``prior_epochs`` Adam epochs at ``prior_lr``, then ``lbfgs_epochs`` full-batch L-BFGS
+    epochs in the prior's own dtype, float64 recommended), while a network trained from scratch on the same
+    data stops in a local minimum whose energies are far less accurate than its forces (on Gay-Berne data
+    0.04 relative force error but 0.13 centred energy error, tests/test_oriented_fitting.py). The correction
+    (zero at the start: oriented_neural's output layers start at zero) then learns only what the prior lacks;
+    its decoupled ``weight_decay`` and the held-out ``val_fraction`` of frames (the best validation state is
+    kept) stop it from turning the data's noise into energy fluctuations (see ``weight_decay`` in
+    :func:`fit_oriented`).
+    """
+    from ..models.base import create_model
+    from . import sites  # noqa: F401  (registers "oriented_sum")
+
+    l = float(length_scale) if length_scale is not None else None
+    hist_prior = fit_oriented(prior, data, epochs=prior_epochs, lr=prior_lr, batch_size=prior_batch_size,
+                              length_scale=l, val_fraction=0.0, seed=seed, device=device, progress=progress)
+    if lbfgs_epochs > 0:
+        hist_prior["lbfgs"] = fit_oriented(prior, data, epochs=lbfgs_epochs, batch_size=max(prior_batch_size, 1),
+                                           length_scale=l, val_fraction=0.0, seed=seed, device=device,
+                                           optimizer="lbfgs", progress=progress)
+    dtype = model_dtype(correction)
+    model = create_model("oriented_sum", data.topology, terms=[prior, correction]).to(dtype)
+    for p in model.terms[0].parameters():
+        p.requires_grad_(False)
+    hist = fit_oriented(model, data, epochs=epochs, lr=lr, batch_size=batch_size, length_scale=l,
+                        val_fraction=val_fraction, seed=seed, device=device, progress=progress,
+                        weight_decay=weight_decay, grad_clip=grad_clip)
+    return model, {"prior": hist_prior, "correction": hist}
