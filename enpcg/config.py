@@ -72,7 +72,9 @@ STAGES = {
         "out": _opt("out/model", "output model folder (model.json + model.pt)"),
         "temperature": _opt(450.0, "temperature of the data, K (Boltzmann inversion)"),
         "cutoff": _opt(1.2, "nonbonded cutoff, nm"),
-        "prior": _opt("", "priors model folder the neural model is fitted on top of ('' = fit priors first)"),
+        "prior": _opt("", "priors model folder the neural model is fitted on top of ('' = fit priors first); "
+                          "oriented_neural: 'gay_berne' (fit a Gay-Berne prior first, uniaxial beads), an oriented "
+                          "model folder, or '' (the network alone)"),
         "refine_iterations": _opt(0, "spline: iterative Boltzmann inversion steps after MS-CG (0 = pure MS-CG)"),
         "refine_ps": _opt(20.0, "spline: CG simulation time per refinement step, ps"),
         "epochs": _opt(60, "neural: maximum epochs"),

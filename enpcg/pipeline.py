@@ -308,7 +308,7 @@ def run_fit(data, model, out, temperature, cutoff, prior, epochs, batch_size, lr
             raise EnpcgError("fit.model: oriented_neural fits do not run under torchrun (WORLD_SIZE > 1). Fix: "
                              "run `enpcg fit --model oriented_neural` as one process")
         return _fit_oriented(files[0], out, temperature, cutoff, epochs, batch_size, lr, device, seed, resume,
-                             max_minutes, length_scale)
+                             max_minutes, length_scale, prior)
 
     fr, topology = load_cg_dataset(files)
     data = str(files[0]) if len(files) == 1 else [str(f) for f in files]  # as recorded in the metadata
@@ -789,9 +789,13 @@ def run_simulate(model, backend, pdb, out, time_ps, timestep, temperature, frict
 
 
 def _fit_oriented(data, out, temperature, cutoff, epochs, batch_size, lr, device, seed, resume, max_minutes,
-                  length_scale):
+                  length_scale, prior=""):
     """Force-and-torque matching of an ``oriented_neural`` model to an oriented CG dataset (enpcg map of a
-    mapping whose beads declare ``orientation``); saves the model and ``training/history.json``."""
+    mapping whose beads declare ``orientation``); saves the model and ``training/history.json``.
+
+    prior : "" (the network alone), "gay_berne" (uniaxial beads: a Gay-Berne prior fitted first, then the
+    network as a correction on top of it, :func:`enpcg.oriented.fit.fit_prior_and_correction`; saved as an
+    ``oriented_sum``) or the folder of a fitted oriented model to use as the frozen prior."""
     import shutil
 
     import numpy as np
@@ -809,17 +813,22 @@ def _fit_oriented(data, out, temperature, cutoff, epochs, batch_size, lr, device
     box = None if sub.box is None else torch.as_tensor(sub.box)
     r_min = float(torch.linalg.norm(pair_displacements(torch.as_tensor(sub.positions), pairs, box), dim=-1).min())
     kt = 0.0083144626 * temperature
-    # The learned, orientation-dependent contact distance starts at the closest approach in the data.
-    net = create_model("oriented_neural", d.topology, cutoff=cutoff, core_radius=round(0.9 * r_min, 4),
-                       contact=True, contact_init=round(r_min, 4), contact_width=round(r_min, 4),
-                       energy_scale=2 * kt, seed=seed).double()
     train_dir = Path(out) / "training"
     if not resume and train_dir.exists():
         shutil.rmtree(train_dir)
     t0 = time.time()
-    history = fit_oriented(net, d, epochs=epochs, lr=lr, batch_size=batch_size,
-                           length_scale=length_scale or None, seed=seed, max_seconds=(max_minutes * 60) or None,
-                           out_dir=train_dir, device=_device(device), progress=True)
+    if prior:
+        net, history = _fit_oriented_with_prior(d, prior, data, cutoff, kt, r_min, epochs, batch_size, lr, device,
+                                                seed, length_scale, train_dir)
+    else:
+        # The learned, orientation-dependent contact distance starts at the closest approach in the data.
+        net = create_model("oriented_neural", d.topology, cutoff=cutoff, core_radius=round(0.9 * r_min, 4),
+                           contact=True, contact_init=round(r_min, 4), contact_width=round(r_min, 4),
+                           energy_scale=2 * kt, seed=seed).double()
+        history = fit_oriented(net, d, epochs=epochs, lr=lr, batch_size=batch_size,
+                               length_scale=length_scale or None, seed=seed,
+                               max_seconds=(max_minutes * 60) or None, out_dir=train_dir, device=_device(device),
+                               progress=True)
     check = d.select(np.asarray(history["val_frames"], dtype=np.int64))   # frames the fit held out
     net.to("cpu")
     from .h5md import read_h5md
@@ -832,6 +841,44 @@ def _fit_oriented(data, out, temperature, cutoff, epochs, batch_size, lr, device
             "chiral_energy_fraction": chiral_energy_fraction(net, check)}
     save_model(net, out, metadata=meta)
     return {"model": Path(out)}
+
+
+def _fit_oriented_with_prior(d, prior, data, cutoff, kt, r_min, epochs, batch_size, lr, device, seed, length_scale,
+                             train_dir):
+    """(oriented_sum model, correction history) of ``enpcg fit --model oriented_neural --prior ...``."""
+    from .fileio import write_json
+    from .models import create_model, load_model
+    from .models.base import check_model_matches
+    from .oriented.base import OrientedModel
+    from .oriented.fit import fit_prior_and_correction
+
+    directors = {o for o in d.topology.orientations}
+    correction = create_model("oriented_neural", d.topology, cutoff=cutoff, n_rbf=16, hidden=32, depth=2,
+                              chiral=True, energy_scale=0.4 * kt, seed=seed,
+                              switch_distance=round(cutoff - 0.2, 4) if cutoff > 0.4 else None,
+                              apolar=directors == {"director"}).float()
+    common = dict(epochs=epochs, lr=lr, batch_size=batch_size, length_scale=length_scale or None, seed=seed,
+                  device=_device(device), progress=True)
+    if prior == "gay_berne":
+        if directors != {"director"} or len(set(d.topology.bead_types)) != 1:
+            raise EnpcgError(f"fit.prior: 'gay_berne' needs uniaxial beads of one type; {data} has orientations "
+                             f"{sorted(directors)} and bead types {sorted(set(d.topology.bead_types))}. Fix: map "
+                             "with 'orientation: director' beads of one type, or leave --prior empty")
+        # Start: a prolate ellipsoid as wide as the closest approach in the data, kT deep; Adam then L-BFGS
+        # converge it (the known-answer test starts 25-150 % off the truth).
+        start = create_model("gay_berne", d.topology, sigma=r_min, epsilon=kt, s_par=2.5 * r_min, s_perp=r_min,
+                             e_par=0.5, e_perp=1.0, cutoff=cutoff,
+                             switch_distance=round(cutoff - 0.2, 4) if cutoff > 0.4 else None).double()
+        model, hist = fit_prior_and_correction(start, correction, d, **common)
+    else:
+        fixed = load_model(prior)
+        if not isinstance(fixed, OrientedModel):
+            raise EnpcgError(f"fit.prior: {prior} holds a {fixed.kind} model, not an oriented one. Fix: pass "
+                             "'gay_berne' or the folder of an oriented model fitted on this mapping")
+        check_model_matches(fixed, topology=d.topology, source=data)
+        model, hist = fit_prior_and_correction(fixed, correction, d, prior_epochs=0, lbfgs_epochs=0, **common)
+    write_json(Path(train_dir) / "history.json", hist)
+    return model, hist["correction"]
 
 
 # ------------------------------------------------------------------------------------------------ analyze
