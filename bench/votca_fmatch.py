@@ -480,7 +480,8 @@ def main(argv=None):
     top = CGTopology.from_dict({**top_dict, "exclusion_bonds": eb})
     fit_kw = dict(cutoff=args.cutoff, pair_knots=args.pair_knots, bond_knots=args.bond_knots,
                   angle_knots=args.angle_knots, dihedral_knots=args.dihedral_knots,
-                  temperature=args.temperature, device="cpu", num_threads=1, progress=False)
+                  temperature=args.temperature, device="cpu", num_threads=1, progress=False,
+                  dihedral_damping=None)  # VOTCA fits plain dihedral tables: the same basis in both codes
     B = max(1, int(args.blocks))
     edges = np.linspace(0, n_frames, B + 1).round().astype(int)
     print(f"data: {args.data}: {n_frames} frames x {top.n_beads} beads; {B} blocks of "

@@ -167,6 +167,52 @@ def test_finite_differences_and_invariances(system):
     assert abs(e1 - e0) <= 1e-10 * abs(e0) and np.linalg.norm(f1 - f0 @ q.T) <= 1e-10 * np.linalg.norm(f0)
 
 
+def test_dihedral_damping_exports_and_straight_angle(system):
+    """Damped dihedrals (dihedral_damping = 150 degrees, so some random-chain angles are in the damped range):
+    native OpenMM export = torch model (||dF||/||F|| <= 1e-6, Reference, float64; energies 1e-6 relative),
+    forces = finite differences (1e-6 of the largest force). At a nearly straight angle pi - eps of a 4-bead
+    chain the undamped dihedral force grows as 1/eps (observed 8.4e2 and 8.4e4 kJ/mol/nm at eps = 1e-2 and
+    1e-4) while the damped one vanishes as eps^2 (0.14 and 1.5e-5 kJ/mol/nm; asserted < 1e-3 and a 100-fold
+    drop)."""
+    from enpcg.topology import CGTopology
+
+    top, pos = system
+    cfg = {**spline_config(), "dihedral_damping": float(np.radians(150.0))}
+    model = create_model("spline", top, **cfg).double()
+    angles = np.degrees([np.arccos(np.clip(np.dot(pos[i] - pos[j], pos[k] - pos[j]) / np.linalg.norm(pos[i] - pos[j])
+                                           / np.linalg.norm(pos[k] - pos[j]), -1, 1)) for i, j, k in top.angles])
+    assert (angles > 150.0).any()  # (minimum image is not needed: bonded beads were placed next to each other)
+    e, f = energy_and_forces(model, pos, TRICLINIC_BOX)
+    e_mm, f_mm = openmm_state(model.native_forces(), pos, TRICLINIC_BOX, "Reference")
+    assert np.linalg.norm(f_mm - f) / np.linalg.norm(f) <= 1e-6 and abs(e_mm - e) <= 1e-6 * abs(e)
+    rng = np.random.default_rng(3)
+    h = 1e-6
+    for _ in range(6):
+        i, d = rng.integers(top.n_beads), rng.integers(3)
+        p1, p2 = pos.copy(), pos.copy()
+        p1[i, d] += h
+        p2[i, d] -= h
+        fd = -(energy_and_forces(model, p1, TRICLINIC_BOX)[0] - energy_and_forces(model, p2, TRICLINIC_BOX)[0]) / (2 * h)
+        assert abs(fd - f[i, d]) <= 1e-6 * np.abs(f).max()
+    # One chain A-B-A-B, dihedral table only (phi-dependent), angle (p1, p2, p3) = pi - eps.
+    chain = CGTopology(["A1", "B2", "A3", "B4"], ["A", "B", "A", "B"], np.full(4, 50.0), np.zeros(4, dtype=int),
+                       [(0, 1), (1, 2), (2, 3)], [(0, 1, 2), (1, 2, 3)], [(0, 1, 2, 3)], exclusion_bonds=3)
+    flat = {"min": 0.0, "max": np.pi, "values": np.zeros(91)}
+    base = dict(periodic=False, cutoff=RC, pairs={}, bonds={"A-B": {"min": 0.0, "max": 1.0, "values": np.zeros(11)}},
+                angles={"A-B-A": flat, "B-A-B": flat}, dihedrals=spline_config()["dihedrals"])
+    peak = {}
+    for damping in (None, float(np.radians(150.0))):
+        m = create_model("spline", chain, **base, dihedral_damping=damping).double()
+        for eps in (1e-2, 1e-4):
+            x = np.array([[0.4 * np.sin(eps), -0.4 * np.cos(eps), 0.0], [0.0, 0.0, 0.0], [0.0, 0.4, 0.0],
+                          [0.3, 0.6, 0.25]])
+            peak[(damping, eps)] = np.abs(energy_and_forces(m, x, None)[1]).max()
+    print("largest force at pi - eps (kJ/mol/nm)", peak)
+    assert peak[(None, 1e-4)] > 1e3 and peak[(None, 1e-4)] > 50 * peak[(None, 1e-2)]
+    damped = float(np.radians(150.0))
+    assert peak[(damped, 1e-4)] < 1e-3 and peak[(damped, 1e-4)] < 1e-2 * peak[(damped, 1e-2)]
+
+
 def test_pair_energy_is_zero_beyond_cutoff_and_files(system, tmp_path):
     top, pos = system
     model = create_model("spline", top, **spline_config()).double()

@@ -30,12 +30,15 @@ import torch
 
 from ..errors import EnpcgError
 from ..geometry import bond_angles, dihedral_angles, minimum_image
-from ..models.spline import SplineModel
+from ..models.spline import SplineModel, dihedral_damping as _damping
 from . import distributed
 
 KB = 0.008314462618  # kJ/mol/K
 CACHE_BYTES = 2 ** 30  # term geometry kept between the two passes (bytes)
 DESIGN_ENTRIES = 1e6  # doubles in the design matrix of one sub-batch
+# Dihedral energies are damped to 0 as either of their angles goes from here to pi (see SplineModel): the
+# dihedral force ~ 1 / sin(theta) otherwise blows up CG runs whose angles reach 180 degrees.
+DIHEDRAL_DAMPING = math.radians(165.0)
 log = logging.getLogger(__name__)
 
 
@@ -172,9 +175,11 @@ def _pair_instances(x, box, excluded, pair_type_matrix, bead_type, cutoff, searc
     return frame.to(torch.int32), atom.to(torch.int32), ptype, r, d / r.unsqueeze(-1)
 
 
-def _bonded_instances(x, box, terms, term_type, family, need_grad: bool = True):
+def _bonded_instances(x, box, terms, term_type, family, need_grad: bool = True, damping: float = -1.0):
     """All bonded terms of every frame: frame (Q,) int32, atoms (Q, k) int32, type (Q,), coordinate (Q,) and
-    its gradient: for bonds the unit vector (Q, 3) = dr/dx_j = -dr/dx_i, else (Q, k, 3).
+    its gradient: for bonds the unit vector (Q, 3) = dr/dx_j = -dr/dx_i, else (Q, k, 3). Dihedrals with
+    ``damping`` > 0 (rad): (Q, 4, 3, 2), [..., 0] = w grad(phi), [..., 1] = grad(w) of the damping weight
+    w = f(theta_1) f(theta_2) (:func:`enpcg.models.spline.dihedral_damping`).
 
     For angles and dihedrals each term gets its own copy of its beads' positions, so one backward pass gives
     every term's gradient.
@@ -192,9 +197,19 @@ def _bonded_instances(x, box, terms, term_type, family, need_grad: bool = True):
             local = torch.arange(n_terms * k, device=x.device).reshape(n_terms, k)
             fn = bond_angles if family == "angles" else dihedral_angles
             c = fn(flat, local, box)
-            g = torch.autograd.grad(c.sum(), xs)[0] if need_grad else torch.zeros_like(xs)
+            if family == "dihedrals" and damping > 0:
+                w = (_damping(bond_angles(flat, local[:, :3], box), damping)
+                     * _damping(bond_angles(flat, local[:, 1:], box), damping))
+                if need_grad:
+                    g_phi = torch.autograd.grad(c.sum(), xs, retain_graph=True)[0]
+                    g_w = torch.autograd.grad(w.sum(), xs)[0]
+                    g = torch.stack([w.detach().reshape(b, n_terms, 1, 1) * g_phi, g_w], dim=-1)
+                else:
+                    g = torch.zeros(xs.shape + (2,), dtype=xs.dtype, device=xs.device)
+            else:
+                g = torch.autograd.grad(c.sum(), xs)[0] if need_grad else torch.zeros_like(xs)
     frames = torch.arange(b, device=x.device, dtype=torch.int32).repeat_interleave(n_terms)
-    g = g.reshape(b * n_terms, 3) if family == "bonds" else g.reshape(b * n_terms, k, 3)
+    g = g.reshape(b * n_terms, 3) if family == "bonds" else g.reshape((b * n_terms, k) + tuple(g.shape[3:]))
     return frames, terms.to(torch.int32).repeat(b, 1), term_type.repeat(b), c.detach().reshape(-1), g
 
 
@@ -233,7 +248,11 @@ def _design_matrix(found, f0, f1, n, n_coef, block_of):
                 a.index_add_(0, (rows[:, 0:1] + cols).reshape(-1), val, alpha=-1.0)
             else:
                 flat = rows.unsqueeze(-1) + cols.unsqueeze(1)              # (Q, k, 4)
-                val = -grad_t.unsqueeze(2) * db.view(-1, 1, 4, 1)          # (Q, k, 4, 3)
+                if grad_t.dim() == 4:  # damped dihedrals: d(w B_k(phi)) = w B_k' grad(phi) + B_k grad(w)
+                    val = -(grad_t[..., 0].unsqueeze(2) * db.view(-1, 1, 4, 1)
+                            + grad_t[..., 1].unsqueeze(2) * _basis(u).view(-1, 1, 4, 1))
+                else:
+                    val = -grad_t.unsqueeze(2) * db.view(-1, 1, 4, 1)      # (Q, k, 4, 3)
                 a.index_add_(0, flat.reshape(-1), val.reshape(-1, 3))
     return a.view(nb, n, n_coef, 3).permute(0, 1, 3, 2).reshape(nb * n * 3, n_coef)
 
@@ -252,7 +271,7 @@ def fit_spline(positions, forces, box, topology, *, cutoff: float, pair_knots: i
                device: Optional[str] = None, batch_frames: Optional[int] = None, ridge: float = 1e-5,
                grid_per_knot: int = 5, wall_kT: float = 100.0, periodic: Optional[bool] = None,
                pair_search: str = "auto", num_threads: Optional[int] = None,
-               progress: bool = True) -> SplineModel:
+               progress: bool = True, dihedral_damping: Optional[float] = DIHEDRAL_DAMPING) -> SplineModel:
     """Fit a :class:`SplineModel` to reference forces by MS-CG linear force matching.
 
     Parameters
@@ -277,6 +296,8 @@ def fit_spline(positions, forces, box, topology, *, cutoff: float, pair_knots: i
     num_threads : torch CPU threads during the fit (restored afterwards); default: leave torch's setting.
         On a small machine shared with other work, 1 can be several times faster than torch's default.
     progress : show tqdm progress bars
+    dihedral_damping : rad or None; the dihedral splines are fitted (and act) times f(theta_1) f(theta_2), which
+        falls from 1 at this angle to 0 at pi (:class:`enpcg.models.spline.SplineModel`); None: undamped
 
     Returns
     -------
@@ -286,7 +307,7 @@ def fit_spline(positions, forces, box, topology, *, cutoff: float, pair_knots: i
     if num_threads is None:
         return _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots, angle_knots,
                            dihedral_knots, temperature, device, batch_frames, ridge, grid_per_knot, wall_kT,
-                           periodic, pair_search, progress)
+                           periodic, pair_search, progress, dihedral_damping)
     if int(num_threads) < 1:
         raise EnpcgError(f"fit_spline: num_threads must be >= 1; received {num_threads}")
     previous = torch.get_num_threads()
@@ -294,14 +315,14 @@ def fit_spline(positions, forces, box, topology, *, cutoff: float, pair_knots: i
     try:
         return _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots, angle_knots,
                            dihedral_knots, temperature, device, batch_frames, ridge, grid_per_knot, wall_kT,
-                           periodic, pair_search, progress)
+                           periodic, pair_search, progress, dihedral_damping)
     finally:
         torch.set_num_threads(previous)
 
 
 def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots, angle_knots, dihedral_knots,
                 temperature, device, batch_frames, ridge, grid_per_knot, wall_kT, periodic, pair_search,
-                progress) -> SplineModel:
+                progress, dihedral_damping=None) -> SplineModel:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -334,6 +355,10 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
         if int(val) < (3 if name == "dihedral_knots" else 1):
             raise EnpcgError(f"fit_spline: {name} must be a positive integer (>= 3 for dihedrals); received {val}")
     kT = KB * float(temperature)
+    damping = -1.0 if dihedral_damping is None else float(dihedral_damping)
+    if dihedral_damping is not None and not 0.0 < damping < math.pi:
+        raise EnpcgError(f"fit_spline: dihedral_damping must be an angle in (0, pi) rad or None; received "
+                         f"{dihedral_damping}")
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     f64 = torch.float64
     # Under torchrun every rank takes a contiguous share of the frames; the sums below are all-reduced.
@@ -378,7 +403,7 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
                                                search)
         for fam, (idx, typ, names) in terms.items():
             if idx.shape[0]:
-                yield (fam,) + _bonded_instances(x, b, idx, typ, fam, need_grad)
+                yield (fam,) + _bonded_instances(x, b, idx, typ, fam, need_grad, damping)
 
     # Pass 1: sampled ranges of every term type. The term geometry of each batch is kept for pass 2 while it
     # fits in CACHE_BYTES, so pass 2 need not search the pairs again.
@@ -476,11 +501,12 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
     info_tables = {}
     for blk in blocks:
         c = coef[blk.offset:blk.offset + blk.n_coef]
-        tables[blk.family][blk.key] = _tabulate(blk, c, kT, wall_kT)
+        tables[blk.family][blk.key] = _tabulate(blk, c, kT, wall_kT, shift=damping <= 0)
         info_tables[f"{blk.family}:{blk.key}"] = {
             "sampled_min": blk.sampled[0], "sampled_max": blk.sampled[1], "knot_min": blk.lo, "knot_max": blk.hi,
             "knot_spacing": blk.h, "n_samples": int(counts[blk.family][fam_types[blk.family].index(blk.key)])}
-    model = SplineModel(topology, periodic=bool(periodic), cutoff=cutoff, **tables).double()
+    model = SplineModel(topology, periodic=bool(periodic), cutoff=cutoff, **tables,
+                        dihedral_damping=None if damping <= 0 else damping).double()
     elapsed = time.perf_counter() - t_start
     model.fit_info = {"method": "MS-CG force matching, cubic B-splines", "force_residual": residual,
                       "n_frames": n_total, "n_coefficients": n_coef, "ridge": ridge, "time_s": elapsed,
@@ -523,13 +549,16 @@ def _make_block(family, key, xmin, xmax, n_knots, per_knot, cutoff) -> _Block:
                   table_hi=table_hi)
 
 
-def _tabulate(blk: _Block, coef: np.ndarray, kT: float, wall_kT: float) -> dict:
-    """Table {"min", "max", "values"} of the fitted spline on its grid, with walls outside [lo, hi]."""
+def _tabulate(blk: _Block, coef: np.ndarray, kT: float, wall_kT: float, shift: bool = True) -> dict:
+    """Table {"min", "max", "values"} of the fitted spline on its grid, with walls outside [lo, hi].
+    ``shift=False`` keeps a periodic (dihedral) table's constant, which damped dihedrals need (w times a
+    constant has forces)."""
     n_pts = int(round((blk.table_hi - blk.table_lo) / blk.grid)) + 1
     x = blk.table_lo + blk.grid * np.arange(n_pts)
     if blk.periodic:
         e, _, _ = _spline_values(blk, coef, x[:-1])
-        e = e - e.min()
+        if shift:
+            e = e - e.min()
         return {"min": blk.table_lo, "max": blk.table_hi, "values": np.append(e, e[0])}
     hi = min(blk.hi, blk.table_hi)
     inside = (x >= blk.lo - 1e-12) & (x <= hi + 1e-12)
@@ -550,7 +579,10 @@ def _tabulate(blk: _Block, coef: np.ndarray, kT: float, wall_kT: float) -> dict:
         # would make a well beyond the sampled range, where a CG run then collapses (seen: bond tables at
         # -3,100 kJ/mol past the range from 30 frames). Clip it to zero: E stays continuous, F may kink.
         d1 = outward * max(outward * d1, 0.0)
-        values[mask] = e0 + d1 * dx + 0.5 * max(d2, k_wall) * dx ** 2
+        # Curvature k_wall, not the spline's own at the edge: the last knot interval holds the few most extreme
+        # samples and its curvature is the least determined number of the fit (seen: bond walls of 1.3e6
+        # kJ/mol/nm^2 from 24 frames, omega dt = 2.1 at 10 fs, past the integrator's limit of 2: the run heats up).
+        values[mask] = e0 + d1 * dx + 0.5 * k_wall * dx ** 2
     if blk.family == "pairs":
         values[-1] = 0.0  # the spline and its first two derivatives vanish at the cutoff
     else:

@@ -9,7 +9,12 @@ a TorchForce of it and the native export (:meth:`SplineModel.native_forces`) agr
   table should end at 0 kJ/mol with zero slope at ``cutoff``;
 * bond type "A-B": table of r (nm), zero outside [min, max] (make it wide enough that no bond leaves it);
 * angle type "A-B-C": table of theta (rad) on [0, pi];
-* dihedral type "A-B-C-D": periodic table of phi (rad) on [-pi, pi] whose first and last values are equal.
+* dihedral type "A-B-C-D": periodic table of phi (rad) on [-pi, pi] whose first and last values are equal;
+  with ``dihedral_damping`` = theta_s (rad) its energy is multiplied by f(theta_1) f(theta_2) of the two
+  angles (p1, p2, p3) and (p2, p3, p4): f = 1 below theta_s, falling to 0 at pi as 1 - S(t),
+  S(t) = t^3 (10 - 15 t + 6 t^2), t = (theta - theta_s) / (pi - theta_s). The dihedral force grows as
+  1 / sin(theta) near a straight angle; f ~ (pi - theta)^3 cancels it (the force vanishes at pi, as for any
+  energy smooth in the bead positions), so a straight angle cannot blow up the dihedral force.
 
 Config (JSON)::
 
@@ -20,6 +25,7 @@ Config (JSON)::
 
 Values and spline second derivatives are also buffers (``<family>_values``, ``<family>_d2``, T x n_max).
 """
+import math
 from typing import Optional
 
 import numpy as np
@@ -34,6 +40,21 @@ from .tables import TableSet, continuous_function, evaluate_tables
 
 FAMILIES = ("pairs", "bonds", "angles", "dihedrals")
 _PERIODIC = {"pairs": False, "bonds": False, "angles": False, "dihedrals": True}
+
+
+def dihedral_damping(theta: Tensor, start: float) -> Tensor:
+    """f(theta) of the module docstring: 1 below ``start`` (rad), 1 - S(t) above, 0 with zero slope at pi."""
+    t = ((theta - start) / (math.pi - start)).clamp(0.0, 1.0)
+    return 1.0 - t * t * t * (10.0 - 15.0 * t + 6.0 * t * t)
+
+
+def dihedral_damping_expression(start: float) -> str:
+    """Lepton expression of f(theta_1) f(theta_2) for CustomCompoundBondForce (p1..p4), as w1*w2 definitions."""
+    parts = []
+    for k, atoms in ((1, "p1, p2, p3"), (2, "p2, p3, p4")):
+        parts.append(f"w{k} = 1 - t{k}^3 * (10 - 15 * t{k} + 6 * t{k}^2); "
+                     f"t{k} = min(max((angle({atoms}) - {start!r}) / {np.pi - start!r}, 0), 1)")
+    return "; ".join(parts)
 
 
 def _clean_table(family: str, key: str, table) -> dict:
@@ -62,11 +83,13 @@ class SplineModel(CGModel):
         values in kJ/mol). Every bonded type present in the topology needs a table; ``pairs`` covers every
         pair type of :meth:`CGTopology.pair_type_names` or is empty (no pair interaction).
     pair_list : how pairs are found (:mod:`enpcg.neighbors`): "auto", "dense", "vesin" or a "cells" dict
+    dihedral_damping : rad or None; dihedral energies are damped to 0 as either of their angles goes from this
+        angle to pi (see module docstring); None: undamped
     """
 
     def __init__(self, topology, periodic: bool = True, cutoff: float = 1.0, pairs: Optional[dict] = None,
                  bonds: Optional[dict] = None, angles: Optional[dict] = None,
-                 dihedrals: Optional[dict] = None, pair_list="auto"):
+                 dihedrals: Optional[dict] = None, pair_list="auto", dihedral_damping: Optional[float] = None):
         super().__init__(topology)
         if not float(cutoff) > 0:
             raise EnpcgError(f"spline config: cutoff must be > 0 nm; received {cutoff}")
@@ -77,6 +100,13 @@ class SplineModel(CGModel):
                   "dihedrals": topology.term_type_names("dihedrals")}
         self.config = {"periodic": bool(periodic), "cutoff": float(cutoff),
                        "pair_list": parse_pair_list(pair_list)}
+        self.damping = -1.0  # dihedral damping start (rad); < 0: none
+        if dihedral_damping is not None:
+            if not 0.0 < float(dihedral_damping) < np.pi:
+                raise EnpcgError(f"spline config: dihedral_damping must be an angle in (0, pi) rad (where the damping "
+                                 f"of dihedrals starts) or null; received {dihedral_damping}")
+            self.damping = float(dihedral_damping)
+            self.config["dihedral_damping"] = self.damping
         for fam in FAMILIES:
             missing = [k for k in needed[fam] if k not in given[fam]]
             if missing:
@@ -114,7 +144,8 @@ class SplineModel(CGModel):
                              persistent=False)
         # Without pair tables the pair list is never called: a dense one of no beads costs nothing.
         self.pair_list = PairList(topology.n_beads if self.use_pairs else 0, self.cutoff,
-                                  topology.excluded_pairs(), self.config["pair_list"] if self.use_pairs else "dense")
+                                  topology.excluded_pairs() if self.use_pairs else np.zeros((0, 2), dtype=np.int64),
+                                  self.config["pair_list"] if self.use_pairs else "dense")
 
     @torch.jit.export
     def batch_energy(self, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
@@ -139,9 +170,12 @@ class SplineModel(CGModel):
                                     self.angles_min, self.angles_spacing, self.angles_npoints, False).sum(1)
         if self.dihedrals.shape[0] > 0:
             phi = dihedral_angles(positions, self.dihedrals, box)
-            e = e + evaluate_tables(phi, self.dihedrals_table, self.dihedrals_values, self.dihedrals_d2,
-                                    self.dihedrals_min, self.dihedrals_spacing, self.dihedrals_npoints,
-                                    True).sum(1)
+            ed = evaluate_tables(phi, self.dihedrals_table, self.dihedrals_values, self.dihedrals_d2,
+                                 self.dihedrals_min, self.dihedrals_spacing, self.dihedrals_npoints, True)
+            if self.damping > 0:
+                ed = ed * (dihedral_damping(bond_angles(positions, self.dihedrals[:, :3], box), self.damping)
+                           * dihedral_damping(bond_angles(positions, self.dihedrals[:, 1:], box), self.damping))
+            e = e + ed.sum(1)
         return e
 
     # ----------------------------------------------------------------- tables as functions
@@ -184,7 +218,10 @@ class SplineModel(CGModel):
             keys = top.term_keys(fam)
             terms = getattr(top, fam)
             for key, table in self.config[fam].items():
-                f = openmm.CustomCompoundBondForce(width, f"table({var})")
+                expr = f"table({var})"
+                if fam == "dihedrals" and self.damping > 0:
+                    expr += " * w1 * w2; " + dihedral_damping_expression(self.damping)
+                f = openmm.CustomCompoundBondForce(width, expr)
                 f.addTabulatedFunction("table", continuous_function(table["values"], table["min"], table["max"],
                                                                     _PERIODIC[fam]))
                 for term, k in zip(terms, keys):
