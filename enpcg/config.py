@@ -116,14 +116,14 @@ STAGES = {
     },
     "export": {
         "model": _opt("out/model", "model folder"),
-        "backend": _opt("torch", "force backend", choices=["torch", "python", "native"]),
+        "backend": _opt("torch", "force backend (mixed: native forces for the terms that have them, TorchForce for the rest)", choices=["torch", "python", "native", "mixed"]),
         "topology": _opt("out/cg/cg_topology.json", "CG topology JSON (from `enpcg map`)"),
         "pdb": _opt("out/cg/cg.pdb", "CG structure whose box sets the periodic box"),
         "out": _opt("out/export", "output folder: system.xml, cg.pdb"),
     },
     "calibrate": {
         "model": _opt("out/model", "model folder"),
-        "backend": _opt("torch", "force backend", choices=["torch", "python", "native"]),
+        "backend": _opt("torch", "force backend (mixed: native forces for the terms that have them, TorchForce for the rest)", choices=["torch", "python", "native", "mixed"]),
         "pdb": _opt("out/cg/cg.pdb", "starting CG structure (PDB with box)"),
         "reference": _opt("out/cg/cg.h5", "mapped atomistic H5MD with times (the dynamics to match); frames "
                           "close enough in time to unwrap"),
@@ -144,7 +144,7 @@ STAGES = {
     },
     "simulate": {
         "model": _opt("out/model", "model folder"),
-        "backend": _opt("torch", "force backend", choices=["torch", "python", "native"]),
+        "backend": _opt("torch", "force backend (mixed: native forces for the terms that have them, TorchForce for the rest)", choices=["torch", "python", "native", "mixed"]),
         "pdb": _opt("out/cg/cg.pdb", "starting CG structure (PDB with box)"),
         "out": _opt("out/sim", "output folder: trajectory.dcd, log.csv, final_state.xml (checkpoint.chk while it runs)"),
         "time_ps": _opt(100.0, "simulated time, ps"),

@@ -229,7 +229,7 @@ class CGPotential:
         box : (3, 3) array, nm, optional
             Periodic box vectors (rows, OpenMM reduced form). Without a box (here or from ``cg_topology``)
             the system is non-periodic.
-        backend : {"torch", "python", "native"}
+        backend : {"torch", "python", "native", "mixed"}
             See :func:`openmm_plugin.export.export_forces`.
         remove_cm_motion : bool
             Add a CMMotionRemover (OpenMM's default for MD).
@@ -259,17 +259,22 @@ class CGPotential:
         ones), or None when that System has none (backend other than "torch", no periodic box, or no "cells"
         pair list after the graph-safe swap of ``cuda_graphs=True``). For
         :func:`openmm_plugin.simulate.run_simulation` (``cell_lists=``)."""
-        if backend != "torch":
+        if backend not in ("torch", "mixed"):
             return None
         masses, box, periodic, kw = self._system_args(cg_topology, box, kw)
         if not periodic:
             return None
+        model = self.model
+        if backend == "mixed":  # only the terms without a native form are in the TorchForce
+            from .export import split_native
+
+            model = split_native(model)[1]
+            if model is None:
+                return None
         if kw.get("cuda_graphs"):
             from .export import graph_safe_model
 
-            model = graph_safe_model(self.model, kw.get("box"))  # what export_forces scripts
-        else:
-            model = self.model
+            model = graph_safe_model(model, kw.get("box"))  # what export_forces scripts
         if not _cell_pair_lists(model):
             return None
         model = copy.deepcopy(model)  # graph_safe_model may return the model itself; its lists get replaced

@@ -229,7 +229,7 @@ def test_backends_agree_periodic(name, dtype, platform):
     e_ref, f_ref = energy_and_forces(model.double(), x, BOX)
     model = model.to(dtype)
     tol = 1e-4 if (dtype == torch.float32 or platform != "Reference") else 1e-6
-    backends = ["torch", "python"]
+    backends = ["torch", "python", "mixed"]
     try:
         model.native_forces()
         backends.append("native")
@@ -253,6 +253,22 @@ def test_native_spline_and_priors_exact_on_reference():
         assert abs(e - e_ref) <= 1e-6 * max(1.0, abs(e_ref))
 
 
+def test_mixed_backend_splits_sum_models():
+    """backend="mixed": the priors of a priors + neural model become OpenMM's own forces and the network one
+    TorchForce; the total equals the all-TorchForce export (||dF||/||F|| <= 1e-6, Reference, float64); a model
+    with no native term gives one TorchForce, one with no other term no TorchForce."""
+    x = chain_positions(TOP, seed=7)
+    model = sum_model()
+    mixed = export_forces(model, "mixed")
+    kinds = [type(f).__name__ for f in mixed]
+    assert kinds.count("TorchForce") == 1 and len(kinds) == 1 + len(priors_model().native_forces())
+    e_t, f_t = evaluate(make_system(export_forces(model, "torch"), TOP.masses), x)
+    e_m, f_m = evaluate(make_system(mixed, TOP.masses), x)
+    assert rel(f_m, f_t) <= 1e-6 and abs(e_m - e_t) <= 1e-6 * max(1.0, abs(e_t))
+    assert [type(f).__name__ for f in export_forces(neural_model(), "mixed")] == ["TorchForce"]
+    assert "TorchForce" not in [type(f).__name__ for f in export_forces(spline_model(), "mixed")]
+
+
 def test_neural_has_no_native_form():
     with pytest.raises(EnpcgError, match="no native OpenMM representation"):
         export_forces(neural_model(), "native")
@@ -260,7 +276,7 @@ def test_neural_has_no_native_form():
 
 def test_unknown_backend_and_bad_arguments():
     model = pair_model()
-    with pytest.raises(EnpcgError, match=r"available backends: \['native', 'python', 'torch'\]"):
+    with pytest.raises(EnpcgError, match=r"available backends: \['mixed', 'native', 'python', 'torch'\]"):
         export_forces(model, "jax")
     with pytest.raises(EnpcgError, match="force_group"):
         export_forces(model, force_group=32)
@@ -268,7 +284,7 @@ def test_unknown_backend_and_bad_arguments():
         export_forces(model, "python", cuda_graphs=True)
     with pytest.raises(EnpcgError, match="dtype"):
         export_forces(model, dtype="float16")
-    assert sorted(BACKENDS) == ["native", "python", "torch"]
+    assert sorted(BACKENDS) == ["mixed", "native", "python", "torch"]
 
 
 def test_force_group_and_cuda_graph_property():
