@@ -11,6 +11,13 @@ constant mode of each bonded spline is removed). The fitted splines, continued o
 repulsive/harmonic walls, are tabulated on a fine uniform grid that contains the knots and returned as a
 :class:`enpcg.models.spline.SplineModel`.
 
+Assembly (CPU timings on the demo, 200 frames x 252 beads, 1.3 M pairs; see bench/votca_fmatch.py): pass 1
+finds the pairs (:class:`PairSearch`; all pairs screened in float32 for small dense boxes) and the sampled
+ranges, keeping the pairs compactly (:class:`_PairList`); pass 2 recomputes the pair geometry a few frames at
+a time, scatters every term's 3 x 4 entries of the design matrix into a reused buffer in cache-sized chunks
+(:func:`_scatter_terms`) and adds its products to the normal equations (:class:`_NormalEquations`). Fresh
+memory was slow to fill on the development machine, so large temporaries are avoided or reused.
+
 Under ``torchrun`` (:mod:`enpcg.fitting.distributed`) each rank accumulates the sampled ranges and the normal
 equations over its contiguous share of the frames, the sums are all-reduced, and every rank solves the same
 system: the same model as one process, up to the round-off of the summation order.
@@ -29,13 +36,19 @@ import numpy as np
 import torch
 
 from ..errors import EnpcgError
-from ..geometry import bond_angles, dihedral_angles, minimum_image
+from ..geometry import bond_angles, dihedral_angles, minimum_image, pair_vectors
 from ..models.spline import SplineModel, dihedral_damping as _damping
 from . import distributed
 
 KB = 0.008314462618  # kJ/mol/K
 CACHE_BYTES = 2 ** 30  # term geometry kept between the two passes (bytes)
 DESIGN_ENTRIES = 1e6  # doubles in the design matrix of one sub-batch
+SCATTER_CHUNK = 2048  # term instances per chunk of the design-matrix scatter
+SCATTER_ENTRIES = 2 ** 17  # design-matrix entries per scatter call (values and indices: 2 MiB)
+DENSE_FILL = 0.125  # PairSearch "auto": all pairs when the cutoff sphere fills this much of the box ...
+DENSE_MAX_BEADS = 4000  # ... and the system has at most this many beads
+DENSE_ENTRIES = 2 ** 18  # pairs (i, j) per step of the all-pairs search, both triangles counted
+DENSE_TILE = 2 ** 16  # pairs per float32 tile of the all-pairs search (256 KiB)
 # Dihedral energies are damped to 0 as either of their angles goes from here to pi (see SplineModel): the
 # dihedral force ~ 1 / sin(theta) otherwise blows up CG runs whose angles reach 180 degrees.
 DIHEDRAL_DAMPING = math.radians(165.0)
@@ -53,7 +66,8 @@ class _Block:
     n_int: int           # number of knot intervals over [lo, lo + n_int h]
     periodic: bool
     n_coef: int          # free coefficients (pairs: n_int, the 3 reaching past the cutoff are zero)
-    offset: int = 0      # first column
+    offset: int = 0      # first column in the normal equations (free coefficients only)
+    col: int = 0         # first column in the design matrix (every coefficient, see n_cols)
     sampled: tuple = (0.0, 0.0)  # sampled range of x
     grid: float = 0.0    # table grid spacing (divides h)
     table_lo: float = 0.0
@@ -62,6 +76,19 @@ class _Block:
     @property
     def hi(self) -> float:
         return self.lo + self.n_int * self.h
+
+    @property
+    def n_cols(self) -> int:
+        """Design-matrix columns of the spline: the n_int + 3 coefficients that the 4 active ones of any
+        interval j (j .. j + 3) can reach, before the periodic wrap (column n_int + k is coefficient k) and
+        without dropping the 3 pair coefficients past the cutoff (zero)."""
+        return self.n_int + 3
+
+    def column_coefficients(self) -> list:
+        """Free coefficient (relative to the block) of each design-matrix column, or None (a zero one)."""
+        if self.periodic:
+            return [k % self.n_int for k in range(self.n_cols)]
+        return [k if k < self.n_coef else None for k in range(self.n_cols)]
 
 
 # ------------------------------------------------------------------------------------- B-spline basis
@@ -91,6 +118,29 @@ def _locate(block: _Block, x):
     return u, cols
 
 
+def _basis_slopes(u, h: float):
+    """dB/dx of the 4 active B-splines at local coordinates u (Q,) for knot spacing h: (4, Q), 1/nm or 1/rad
+    (:func:`_basis_derivative` / h, written row by row without a stack)."""
+    out = torch.empty((4,) + u.shape, dtype=u.dtype, device=u.device)
+    v = 1.0 - u
+    torch.mul(v, v, out=out[0]).mul_(-0.5 / h)                       # -v^2 / 2
+    u2 = torch.mul(u, u, out=out[3])
+    torch.mul(u, -2.0 / h, out=out[1]).add_(u2, alpha=1.5 / h)       # (3 u^2 / 2 - 2 u)
+    torch.mul(u, 1.0 / h, out=out[2]).add_(u2, alpha=-1.5 / h).add_(0.5 / h)   # (-3 u^2 / 2 + u + 1/2)
+    out[3].mul_(0.5 / h)                                             # u^2 / 2
+    return out
+
+
+def _interval(block: _Block, x):
+    """Local coordinate u in [0, 1] (x's dtype) and interval index j (int64) of x: the active coefficients
+    are design-matrix columns j .. j + 3 of the block (see :attr:`_Block.n_cols`)."""
+    t = (x - block.lo) / block.h
+    if block.periodic:
+        t = torch.remainder(t, float(block.n_int))
+    j = torch.clamp(torch.floor(t), 0, block.n_int - 1)
+    return t - j, j.to(torch.int64)
+
+
 def _spline_values(block: _Block, coef: np.ndarray, x: np.ndarray):
     """Energy U(x), U'(x), U''(x) of the fitted spline (x inside [lo, hi] or periodic)."""
     xt = torch.as_tensor(x, dtype=torch.float64)
@@ -107,19 +157,156 @@ def _spline_values(block: _Block, coef: np.ndarray, x: np.ndarray):
 
 
 # ------------------------------------------------------------------------------------- geometry per term
-class PairSearch:
-    """Pairs within the cutoff of one frame, each once: vesin's cell list (on the CPU) when vesin-torch is
-    installed, else a dense all-pairs search in torch on the frame's device (fine for a few thousand beads).
+def _orthorhombic(box) -> bool:
+    """True when every box (3, 3) or (B, 3, 3), nm, is a rectangular box (zero off-diagonal entries)."""
+    off = box - torch.diag_embed(torch.diagonal(box, dim1=-2, dim2=-1))
+    return not bool(off.any())
 
-    method : "auto" (vesin if installed), "vesin" or "dense".
+
+def _pair_vectors(x: np.ndarray, lengths: Optional[np.ndarray], boxes: Optional[np.ndarray], frame, i, j):
+    """Minimum-image vectors r_j - r_i, (3, P) nm, of pairs (frame, i, j) of frames x (F, n, 3) nm.
+
+    lengths : (F, 3) nm edges of rectangular boxes, or None; boxes : (F, 3, 3) nm triclinic boxes (used when
+    lengths is None), or None for no periodicity. The same arithmetic as :func:`enpcg.geometry.minimum_image`
+    (bit for bit for rectangular boxes), with one coordinate per row: numpy's 1-D gathers ran 3-10x faster
+    than torch's indexing on one CPU thread.
+    """
+    nf, n = x.shape[:2]
+    xt = np.ascontiguousarray(x.transpose(2, 0, 1)).reshape(3, nf * n)                 # (3, F n)
+    d = np.take(xt, frame * n + j, axis=1) - np.take(xt, frame * n + i, axis=1)
+    if lengths is not None:
+        lf = np.take(np.ascontiguousarray(lengths.T), frame, axis=1)
+        d -= lf * np.round(d / lf)
+    elif boxes is not None:
+        d = minimum_image(torch.from_numpy(d.T).unsqueeze(1), torch.from_numpy(boxes[frame])).squeeze(1).T.numpy()
+    return d
+
+
+def _within(frame, i, j, d, cutoff: float):
+    """The pairs with r < cutoff: (frame, i, j, d (3, P) nm, r (P,) nm), from the same arrays of candidates."""
+    r = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+    keep = r < cutoff
+    if not keep.all():
+        keep = np.flatnonzero(keep)  # gathers by index: several times faster than boolean masks here
+        frame, i, j, d, r = frame.take(keep), i.take(keep), j.take(keep), d.take(keep, axis=1), r.take(keep)
+    return frame, i, j, d, r
+
+
+def _row_tiles(n: int, frames: int, entries: int) -> list:
+    """Row ranges [r0, r1) of the upper triangle of an n x n pair matrix (columns r0..n-1), each about
+    ``entries`` / ``frames`` pairs: together 1/2 to 2/3 of the full matrix."""
+    tiles, r0 = [], 0
+    while r0 < n:
+        r1 = min(n, r0 + max(1, entries // (frames * (n - r0))))
+        tiles.append((r0, r1))
+        r0 = r1
+    return tiles
+
+
+def _dense_steps(x: np.ndarray, lengths: Optional[np.ndarray], boxes: Optional[np.ndarray], cutoff: float,
+                 allowed: np.ndarray):
+    """All-pairs search in numpy, a few frames at a time (about DENSE_ENTRIES pairs each): yields the pairs
+    of each step as :func:`_within` (frames counted from x[0]).
+
+    x : (B, n, 3) nm; lengths, boxes : as :func:`_pair_vectors`; allowed : (n, n) bool, True at [i, j] for
+    the pairs i < j to report (not excluded).
+
+    Rectangular boxes (or none): squared distances of the pairs i < j in float32 (row tiles of the upper
+    triangle, DENSE_TILE pairs each), |dx| folded to min(|dx|, L - |dx|) per component of the wrapped
+    positions, keep r^2 < (cutoff + margin)^2 with a margin of 2e-6 of the largest box edge or coordinate L
+    (float32 rounds w, |dx| and L - |dx| by at most 6e-8 L each, so r is off by less than 6e-7 L); the
+    candidates then get their exact float64 minimum-image vectors and r < cutoff. Triclinic boxes: float64
+    minimum image of every allowed pair.
+    """
+    b, n = x.shape[:2]
+    triclinic = lengths is None and boxes is not None
+    step = max(1, int(DENSE_ENTRIES // (n * n)))
+    if triclinic:
+        pi, pj = np.nonzero(allowed)
+    else:
+        scale = float(np.abs(x).max()) if lengths is None else float(lengths.max())
+        screen = np.float32((cutoff + 2e-6 * scale) ** 2)
+        tiles = _row_tiles(n, min(step, b), DENSE_TILE)
+        hit = np.zeros((min(step, b), n, n), dtype=bool)  # candidates [frame, i, j]; stays False below i < j
+    for s in range(0, b, step):
+        xs = x[s:s + step]
+        nf = xs.shape[0]
+        ls = None if lengths is None else lengths[s:s + step]
+        if triclinic:
+            f, i, j = np.repeat(np.arange(nf), len(pi)), np.tile(pi, nf), np.tile(pj, nf)
+        else:
+            w = xs if ls is None else xs - ls[:, None] * np.floor(xs / ls[:, None])
+            w = np.ascontiguousarray(w.transpose(0, 2, 1), dtype=np.float32)              # (F, 3, n)
+            l32 = None if ls is None else ls.astype(np.float32)[:, :, None, None]         # (F, 3, 1, 1)
+            for r0, r1 in tiles:
+                r2 = None
+                for k in range(3):
+                    dk = np.abs(w[:, k, None, r0:] - w[:, k, r0:r1, None])                # (F, rows, cols)
+                    if l32 is not None:
+                        np.minimum(dk, l32[:, k] - dk, out=dk)
+                    r2 = np.square(dk, out=dk) if r2 is None else np.add(r2, np.square(dk, out=dk), out=r2)
+                tile = hit[:nf, r0:r1, r0:]
+                np.less(r2, screen, out=tile)
+                tile &= allowed[r0:r1, r0:]
+            f, rest = np.divmod(np.flatnonzero(hit[:nf]), n * n)                          # ordered by frame
+            i, j = np.divmod(rest, n)
+        d = _pair_vectors(xs, ls, None if boxes is None else boxes[s:s + step], f, i, j)
+        frame, i, j, d, r = _within(f, i, j, d, cutoff)
+        yield frame + s, i, j, d, r
+
+
+def _kdtree_steps(x: np.ndarray, lengths: Optional[np.ndarray], cutoff: float, excluded: Optional[np.ndarray]):
+    """scipy's cKDTree, one frame at a time: yields the pairs of each frame as :func:`_within`.
+
+    x : (B, n, 3) nm; lengths : (B, 3) nm edges of rectangular periodic boxes, or None (no periodicity);
+    excluded : flat (n * n,) bool, True at i * n + j for an excluded pair i < j, or None.
+    """
+    from scipy.spatial import cKDTree
+
+    n = x.shape[1]
+    for f in range(x.shape[0]):
+        if lengths is None:
+            tree = cKDTree(x[f])
+        else:
+            lf = lengths[f]
+            w = x[f] - lf * np.floor(x[f] / lf)          # wrapped into [0, L], as the periodic tree needs
+            tree = cKDTree(np.where(w >= lf, w - lf, w), boxsize=lf)   # round-off can give exactly L
+        pairs = tree.query_pairs(cutoff, output_type="ndarray").astype(np.int64, copy=False)
+        i, j = pairs[:, 0], pairs[:, 1]
+        if excluded is not None:
+            keep = ~excluded[i * n + j]
+            i, j = i[keep], j[keep]
+        frame = np.zeros(len(i), dtype=np.int64)
+        d = _pair_vectors(x[f:f + 1], None if lengths is None else lengths[f:f + 1], None, frame, i, j)
+        frame, i, j, d, r = _within(frame, i, j, d, cutoff)
+        yield frame + f, i, j, d, r
+
+
+class PairSearch:
+    """Pairs within the cutoff of one frame, or of a batch of frames, each pair once.
+
+    method : "auto", "dense", "kdtree" or "vesin".
+      * "dense": all pairs, in numpy, a few frames at a time (rectangular boxes: screened in float32 with a
+        margin, then exact in float64), O(n^2) per frame;
+      * "kdtree": scipy's cKDTree, for rectangular periodic boxes or no box;
+      * "vesin": vesin-torch's cell list (any box);
+      * "auto": "dense" when the cutoff sphere fills at least DENSE_FILL of the box (or of the bounding box
+        of the first frame without a box) and the system has at most DENSE_MAX_BEADS beads, else "kdtree"
+        for rectangular boxes or none, else "vesin" if installed, else "dense". On the demo (252 beads,
+        3.16 nm box, cutoff 1.2 nm: the sphere fills 23 % of the box), 200 frames took 0.06-0.1 s dense,
+        0.12-0.18 s by k-d tree and 0.26-0.35 s by vesin.
+    All run on the CPU; the results go to the frames' device. ``used`` collects the methods that ran.
     """
 
     def __init__(self, n: int, cutoff: float, method: str = "auto"):
-        if method not in ("auto", "vesin", "dense"):
-            raise EnpcgError(f"pair_search must be 'auto', 'vesin' or 'dense'; received {method!r}")
+        if method not in ("auto", "dense", "kdtree", "vesin"):
+            raise EnpcgError(f"pair_search must be 'auto', 'dense', 'kdtree' or 'vesin'; received {method!r}")
+        self.n = n
         self.cutoff = cutoff
+        self.method = method
+        self.used = set()
         self.vesin = None
-        if method != "dense":
+        if method in ("auto", "vesin"):
             try:
                 from vesin_torch import NeighborList
                 self.vesin = NeighborList(cutoff=cutoff, full_list=False)
@@ -127,62 +314,173 @@ class PairSearch:
                 if method == "vesin":
                     raise EnpcgError("pair_search='vesin' needs vesin-torch; install it with "
                                      "'pip install vesin-torch' or use pair_search='dense'") from None
-        if self.vesin is None:
-            self.pairs = torch.triu_indices(n, n, offset=1)
+
+    def _method_for(self, x, box) -> str:
+        """The method for frames x (B, n, 3) nm with boxes (B, 3, 3) nm or None."""
+        rectangular = box is None or _orthorhombic(box)
+        if self.method == "kdtree" and not rectangular:
+            raise EnpcgError("pair_search='kdtree' takes rectangular boxes only; use pair_search='vesin' or "
+                             "'dense' (or 'auto') for triclinic boxes")
+        if self.method != "auto":
+            return self.method
+        if rectangular and self.n <= DENSE_MAX_BEADS:
+            if box is None:
+                extent = (x[0].max(dim=0).values - x[0].min(dim=0).values).clamp(min=self.cutoff)
+                volume = float(extent.prod())
+            else:
+                volume = float(torch.linalg.det(box[0]).abs())
+            if 4.0 / 3.0 * math.pi * self.cutoff ** 3 >= DENSE_FILL * volume:
+                return "dense"
+        if rectangular:
+            return "kdtree"
+        return "vesin" if self.vesin is not None else "dense"
 
     def __call__(self, x, box):
         """x (n, 3) nm, box (3, 3) nm or None -> i (P,), j (P,), vector r_j - r_i (P, 3), on x's device."""
-        if self.vesin is not None:
-            xc = x.detach().cpu()
-            if box is None:
-                i, j, d = self.vesin.compute(xc, torch.zeros((3, 3), dtype=xc.dtype), False, "ijD")
-            else:
-                i, j, d = self.vesin.compute(xc, box.detach().cpu(), True, "ijD")
-            return i.to(x.device), j.to(x.device), d.to(x.device)
-        if self.pairs.device != x.device:
-            self.pairs = self.pairs.to(x.device)
-        pairs = self.pairs
-        d = minimum_image((x[pairs[1]] - x[pairs[0]]).unsqueeze(0), None if box is None else box.unsqueeze(0))[0]
-        near = torch.linalg.norm(d, dim=-1) < self.cutoff
-        return pairs[0][near], pairs[1][near], d[near]
+        found = list(self.steps(x.unsqueeze(0), None if box is None else box.unsqueeze(0)))
+        _, i, j, d, _ = (np.concatenate([p[k] for p in found], axis=-1) for k in range(5))
+        return tuple(torch.from_numpy(a).to(x.device) for a in (i, j, np.ascontiguousarray(d.T)))
+
+    def steps(self, x, box, excluded=None):
+        """Pairs of every frame of a batch with r < cutoff that are not excluded, a few frames at a time.
+
+        x (B, n, 3) nm, box (B, 3, 3) nm or None (torch); excluded : (n, n) bool tensor, True at [i, j]
+        (i < j) for an excluded pair, or None. Yields numpy arrays frame, i, j (P,) int64 with i < j, the
+        minimum-image vectors r_j - r_i (3, P) nm and r (P,) nm, ordered by frame (counted from x[0]).
+        """
+        method = self._method_for(x, box)
+        self.used.add(method)
+        xc = x.detach().cpu().numpy()
+        boxes = None if box is None else box.detach().cpu().numpy()
+        rectangular = box is None or _orthorhombic(box)
+        lengths = None if boxes is None or not rectangular else np.ascontiguousarray(boxes[:, [0, 1, 2], [0, 1, 2]])
+        ex = None if excluded is None else excluded.detach().cpu().numpy()
+        if method == "dense":
+            allowed = np.triu(np.ones((self.n, self.n), dtype=bool), 1)
+            if ex is not None:
+                allowed &= ~ex
+            yield from _dense_steps(xc, lengths, None if rectangular else boxes, self.cutoff, allowed)
+        elif method == "kdtree":
+            yield from _kdtree_steps(xc, lengths, self.cutoff, None if ex is None else ex.reshape(-1))
+        else:
+            for f in range(xc.shape[0]):
+                yield self._vesin_frame(xc[f], None if boxes is None else boxes[f], f, ex)
+
+    def _vesin_frame(self, x: np.ndarray, box: Optional[np.ndarray], f: int, excluded: Optional[np.ndarray]):
+        if box is None:
+            i, j, d = self.vesin.compute(torch.from_numpy(x), torch.zeros((3, 3), dtype=torch.float64), False,
+                                         "ijD")
+        else:
+            i, j, d = self.vesin.compute(torch.from_numpy(x), torch.from_numpy(box), True, "ijD")
+        i, j, d = i.numpy().astype(np.int64), j.numpy().astype(np.int64), d.numpy().T
+        swap = i > j
+        i, j, d = np.where(swap, j, i), np.where(swap, i, j), np.where(swap, -d, d)
+        if excluded is not None:
+            keep = ~excluded[i, j]
+            i, j, d = i[keep], j[keep], d[:, keep]
+        frame, i, j, d, r = _within(np.full(len(i), f), i, j, d, self.cutoff)
+        return frame, i, j, d, r
 
 
-def _pair_instances(x, box, excluded, pair_type_matrix, bead_type, cutoff, search):
-    """Non-excluded pairs within the cutoff of every frame of a batch.
-
-    Returns frame (Q,) int32, atoms (Q, 2) int32 with i < j, pair type (Q,), r (Q,) nm and the unit vector
-    from i to j (Q, 3) = dr/dx_j = -dr/dx_i. excluded : (n, n) bool matrix of excluded pairs.
+class _PairList:
+    """The non-excluded pairs within the cutoff of a batch of frames, kept compact between the two passes of
+    the fit: the key i * n + j of each pair (i < j), ordered by frame, and where each frame's pairs start.
+    Pass 2 recomputes their geometry from the positions (:meth:`instances`): 4-8 bytes per pair instead of
+    44 for the geometry, and writing that much fresh memory took longer than computing it again.
     """
-    frames, ii, jj, vecs = [], [], [], []
-    for f in range(x.shape[0]):
-        i, j, d = search(x[f], None if box is None else box[f])
-        frames.append(torch.full((i.shape[0],), f, dtype=torch.int64, device=x.device))
-        ii.append(i)
-        jj.append(j)
-        vecs.append(d)
-    # One pass over the whole batch (few large tensor operations rather than many small ones per frame).
-    frame = torch.cat(frames)
-    i = torch.cat(ii).to(torch.int64)
-    j = torch.cat(jj).to(torch.int64)
-    d = torch.cat(vecs)
-    swap = i > j
-    i, j = torch.where(swap, j, i), torch.where(swap, i, j)
-    d = torch.where(swap.unsqueeze(-1), -d, d)
-    r = torch.linalg.norm(d, dim=-1)
-    keep = (~excluded[i, j]) & (r < cutoff)
-    frame, atom, d, r = frame[keep], torch.stack([i[keep], j[keep]], dim=1), d[keep], r[keep]
-    ptype = pair_type_matrix[bead_type[atom[:, 0]], bead_type[atom[:, 1]]]
-    return frame.to(torch.int32), atom.to(torch.int32), ptype, r, d / r.unsqueeze(-1)
+
+    def __init__(self, keys: np.ndarray, starts: np.ndarray, n: int):
+        self.keys, self.starts, self.n = keys, starts, n   # starts: (B + 1,) first pair of each frame
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.starts.nbytes
+
+    @classmethod
+    def scan(cls, search: PairSearch, x, box, excluded, pair_type: Optional[tuple], n_types: int):
+        """Search the pairs of frames x (B, n, 3) nm (box (B, 3, 3) nm or None, excluded (n, n) bool; torch).
+
+        pair_type : (bead types (n,), pair-type matrix (T, T)), or None for one type. Returns the list and, per
+        pair type, the smallest and largest r (nm) and the number of pairs ((n_types,) numpy arrays).
+        """
+        n, b = x.shape[1], x.shape[0]
+        lo, hi, count = np.full(n_types, np.inf), np.full(n_types, -np.inf), np.zeros(n_types)
+        key_type = np.int32 if n * n < 2 ** 31 else np.int64
+        keys, per_frame = [], np.zeros(b, dtype=np.int64)
+        for frame, i, j, _, r in search.steps(x, box, excluded):
+            if len(r) == 0:
+                continue
+            types = None if pair_type is None else pair_type[1][pair_type[0][i], pair_type[0][j]]
+            for t in range(n_types):
+                rt = r if types is None else r[types == t]
+                if len(rt):
+                    lo[t], hi[t], count[t] = min(lo[t], rt.min()), max(hi[t], rt.max()), count[t] + len(rt)
+            keys.append((i * n + j).astype(key_type))
+            per_frame += np.bincount(frame, minlength=b)
+        starts = np.concatenate([[0], np.cumsum(per_frame)])
+        keys = np.concatenate(keys) if keys else np.zeros(0, dtype=key_type)
+        return cls(keys, starts, n), lo, hi, count
+
+    def instances(self, x: np.ndarray, lengths: Optional[np.ndarray], boxes: Optional[np.ndarray], f0: int,
+                  f1: int, pair_type: Optional[tuple], device):
+        """Pair instances of frames [f0, f1) of the batch, as :func:`_bonded_instances` (torch, on device):
+        frame (Q,) counted from the batch's first frame, atoms (Q, 2) with i < j, type (Q,), r (Q,) nm and the
+        unit vector from i to j (Q, 3) = dr/dx_j = -dr/dx_i. x : (f1 - f0, n, 3) nm, the positions of those
+        frames; lengths (f1 - f0, 3) / boxes (f1 - f0, 3, 3) as :func:`_pair_vectors`."""
+        keys = self.keys[self.starts[f0]:self.starts[f1]].astype(np.int64)
+        frame = np.repeat(np.arange(f1 - f0), np.diff(self.starts[f0:f1 + 1]))
+        i, j = np.divmod(keys, self.n)
+        d = _pair_vectors(x, lengths, boxes, frame, i, j)
+        r = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+        d /= r
+        types = np.zeros(len(r), dtype=np.int64) if pair_type is None else \
+            pair_type[1][pair_type[0][i], pair_type[0][j]].astype(np.int64)
+        out = [torch.from_numpy(a).to(device) for a in (frame + f0, np.stack([i, j]), types, r, d)]
+        return out[0], out[1].T, out[2], out[3], out[4].T
+
+
+def _angle_gradients(u, v):
+    """d theta / d(u, v) for theta = angle between u and v (..., 3): two (..., 3) arrays, rad/nm.
+
+    With c = u . v and s = |u x v|: d theta/du = -(v - (c / |u|^2) u) / s and d theta/dv = -(u - (c / |v|^2) v) / s.
+    """
+    c = (u * v).sum(-1, keepdim=True)
+    s = torch.linalg.norm(torch.linalg.cross(u, v, dim=-1), dim=-1, keepdim=True)
+    gu = -(v - (c / (u * u).sum(-1, keepdim=True)) * u) / s
+    gv = -(u - (c / (v * v).sum(-1, keepdim=True)) * v) / s
+    return gu, gv
+
+
+def _dihedral_gradients(b1, b2, b3):
+    """d phi / d(x0, x1, x2, x3) for the dihedral of bond vectors b1 = x1 - x0, b2 = x2 - x1, b3 = x3 - x2
+    (..., 3) nm, in the convention of :func:`enpcg.geometry.dihedral_angles`: (..., 4, 3), rad/nm.
+
+    Blondel & Karplus (1996): with m = b1 x b2, n = b2 x b3, p = b1.b2 / |b2|^2 and q = b3.b2 / |b2|^2,
+    g0 = d phi/dx0 = -|b2| m / |m|^2, g3 = d phi/dx3 = |b2| n / |n|^2, d phi/dx1 = q g3 - (1 + p) g0 and
+    d phi/dx2 = p g0 - (1 + q) g3.
+    """
+    m = torch.linalg.cross(b1, b2, dim=-1)
+    n = torch.linalg.cross(b2, b3, dim=-1)
+    b2_sq = (b2 * b2).sum(-1, keepdim=True)
+    b2_len = torch.sqrt(b2_sq)
+    g0 = -b2_len / (m * m).sum(-1, keepdim=True) * m
+    g3 = b2_len / (n * n).sum(-1, keepdim=True) * n
+    p = (b1 * b2).sum(-1, keepdim=True) / b2_sq
+    q = (b3 * b2).sum(-1, keepdim=True) / b2_sq
+    g1 = q * g3 - (p + 1.0) * g0
+    g2 = p * g0 - (q + 1.0) * g3
+    return torch.stack([g0, g1, g2, g3], dim=-2)
 
 
 def _bonded_instances(x, box, terms, term_type, family, need_grad: bool = True, damping: float = -1.0):
     """All bonded terms of every frame: frame (Q,) int32, atoms (Q, k) int32, type (Q,), coordinate (Q,) and
-    its gradient: for bonds the unit vector (Q, 3) = dr/dx_j = -dr/dx_i, else (Q, k, 3). Dihedrals with
+    its gradient: for bonds the unit vector (Q, 3) = dr/dx_j = -dr/dx_i, else (Q, k, 3) (rad/nm). Dihedrals with
     ``damping`` > 0 (rad): (Q, 4, 3, 2), [..., 0] = w grad(phi), [..., 1] = grad(w) of the damping weight
     w = f(theta_1) f(theta_2) (:func:`enpcg.models.spline.dihedral_damping`).
 
-    For angles and dihedrals each term gets its own copy of its beads' positions, so one backward pass gives
-    every term's gradient.
+    The coordinates are those of :mod:`enpcg.geometry` (bond_angles, dihedral_angles); the gradients are
+    analytic (:func:`_angle_gradients`, :func:`_dihedral_gradients`, :func:`_damping_gradient`; autograd took
+    2-3x longer; equal to autograd within 1e-14 relative).
     """
     b, k = x.shape[0], terms.shape[1]
     n_terms = terms.shape[0]
@@ -190,37 +488,138 @@ def _bonded_instances(x, box, terms, term_type, family, need_grad: bool = True, 
         d = minimum_image(x[:, terms[:, 1]] - x[:, terms[:, 0]], box)
         c = torch.linalg.norm(d, dim=-1)
         g = d / c.unsqueeze(-1)                                      # (B, I, 3)
+    elif family == "angles":
+        c = bond_angles(x, terms, box)
+        if need_grad:
+            u = pair_vectors(x, terms[:, 1], terms[:, 0], box)       # x_i - x_j
+            v = pair_vectors(x, terms[:, 1], terms[:, 2], box)       # x_k - x_j
+            gu, gv = _angle_gradients(u, v)
+            g = torch.stack([gu, -(gu + gv), gv], dim=-2)            # (B, I, 3, 3)
     else:
-        with torch.set_grad_enabled(need_grad):
-            xs = x[:, terms].detach().requires_grad_(need_grad)      # (B, I, k, 3)
-            flat = xs.reshape(b, n_terms * k, 3)
-            local = torch.arange(n_terms * k, device=x.device).reshape(n_terms, k)
-            fn = bond_angles if family == "angles" else dihedral_angles
-            c = fn(flat, local, box)
-            if family == "dihedrals" and damping > 0:
-                w = (_damping(bond_angles(flat, local[:, :3], box), damping)
-                     * _damping(bond_angles(flat, local[:, 1:], box), damping))
-                if need_grad:
-                    g_phi = torch.autograd.grad(c.sum(), xs, retain_graph=True)[0]
-                    g_w = torch.autograd.grad(w.sum(), xs)[0]
-                    g = torch.stack([w.detach().reshape(b, n_terms, 1, 1) * g_phi, g_w], dim=-1)
-                else:
-                    g = torch.zeros(xs.shape + (2,), dtype=xs.dtype, device=xs.device)
-            else:
-                g = torch.autograd.grad(c.sum(), xs)[0] if need_grad else torch.zeros_like(xs)
+        c = dihedral_angles(x, terms, box)
+        if need_grad:
+            bv = [pair_vectors(x, terms[:, a], terms[:, a + 1], box) for a in range(3)]   # b1, b2, b3
+            g = _dihedral_gradients(*bv)                                                # (B, I, 4, 3)
+        if damping > 0:
+            theta = [bond_angles(x, terms[:, a:a + 3], box) for a in (0, 1)]                  # (B, I) each
+            w1, w2 = (_damping(t, damping) for t in theta)
+            if need_grad:
+                g = torch.stack([(w1 * w2).unsqueeze(-1).unsqueeze(-1) * g,
+                                 _damping_gradient(bv, theta, (w1, w2), damping)], dim=-1)   # (B, I, 4, 3, 2)
+    if family != "bonds" and not need_grad:
+        shape = (b, n_terms, k, 3) + ((2,) if family == "dihedrals" and damping > 0 else ())
+        g = torch.zeros(shape, dtype=x.dtype, device=x.device)
     frames = torch.arange(b, device=x.device, dtype=torch.int32).repeat_interleave(n_terms)
-    g = g.reshape(b * n_terms, 3) if family == "bonds" else g.reshape((b * n_terms, k) + tuple(g.shape[3:]))
-    return frames, terms.to(torch.int32).repeat(b, 1), term_type.repeat(b), c.detach().reshape(-1), g
+    g = g.reshape(b * n_terms, 3) if family == "bonds" else g.reshape((b * n_terms, k, 3) + tuple(g.shape[4:]))
+    return frames, terms.to(torch.int32).repeat(b, 1), term_type.repeat(b), c.reshape(-1), g
 
 
-def _design_matrix(found, f0, f1, n, n_coef, block_of):
-    """Rows of A for frames [f0, f1) of a batch: (nb * n * 3, n_coef), A = dF/dc (kJ/mol/nm per coefficient).
+def _damping_slope(theta, start: float):
+    """df/dtheta (rad^-1) of :func:`enpcg.models.spline.dihedral_damping` f = 1 - S(t) with
+    t = (theta - start) / (pi - start) clamped to [0, 1]: -30 t^2 (1 - t)^2 / (pi - start), 0 outside."""
+    t = ((theta - start) / (math.pi - start)).clamp(0.0, 1.0)
+    return (t * (1.0 - t)).square_().mul_(-30.0 / (math.pi - start))
 
+
+def _damping_gradient(bv, theta, w, start: float):
+    """grad w (B, I, 4, 3), 1/nm, of the dihedral damping weight w = f(theta_1) f(theta_2).
+
+    bv : bond vectors (b1, b2, b3) (B, I, 3) nm of the dihedrals (x0, x1, x2, x3); theta : (theta_1, theta_2)
+    (B, I) rad, the angle (x0, x1, x2) at x1 and the angle (x1, x2, x3) at x2; w : (f(theta_1), f(theta_2)).
+    grad w = f'(theta_1) f(theta_2) grad theta_1 + f(theta_1) f'(theta_2) grad theta_2 (:func:`_angle_gradients`),
+    computed only for the angles past ``start`` (the others have f' = 0).
+    """
+    b1, b2, b3 = bv
+    g = torch.zeros(b1.shape[:-1] + (4, 3), dtype=b1.dtype, device=b1.device)
+    for a, (u, v), th, w_other in ((0, (-b1, b2), theta[0], w[1]), (1, (-b2, b3), theta[1], w[0])):
+        sel = torch.nonzero(th > start, as_tuple=True)
+        if not sel[0].numel():
+            continue
+        df = (_damping_slope(th[sel], start) * w_other[sel]).unsqueeze(-1)
+        keep = df != 0.0  # a straight angle (t = 1): zero slope, and the angle's gradient is singular there
+        gu, gv = _angle_gradients(u[sel], v[sel])
+        gu = torch.where(keep, gu * df, 0.0)
+        gv = torch.where(keep, gv * df, 0.0)
+        g[sel + (a,)] += gu
+        g[sel + (a + 1,)] -= gu + gv
+        g[sel + (a + 2,)] += gv
+    return g
+
+
+def _chunk_views(t, chunk: int) -> list:
+    """Views (m, ..., C) of t (..., Q) (last axis contiguous): the m = Q // chunk full chunks of C = chunk
+    terms, then the rest as one chunk of C = Q % chunk terms (if any)."""
+    q = t.shape[-1]
+    full = q - q % chunk
+    views = [t[..., :full].unflatten(-1, (full // chunk, chunk)).movedim(-2, 0)] if full else []
+    if full < q:
+        views.append(t[..., full:].unsqueeze(0))
+    return views
+
+
+def _scatter_terms(a, start, g, db, n_cols: int, distance: bool, chunk: int, g2=None, b2=None):
+    """Add Q term instances of one spline to the flat design matrix a (laid out (frame, bead, dim, col)).
+
+    start : (k, Q) int64, index in a of each bead's (dim 0, column j) entry (j: the term's interval);
+    g : (3, Q) for a distance (the unit vector e from bead i to bead j: dF_i/dc = +e B', dF_j/dc = -e B'),
+    else (k, 3, Q) = d(coordinate)/d(bead position) (dF/dc = -grad B'); db : (4, Q) B-spline derivatives
+    dB_{j+m}/dx, m = 0..3, in 1/nm or 1/rad. The last axis of each must be contiguous. Optional g2 (k, 3, Q)
+    and b2 (4, Q) (not for distances) add a second product: dF/dc = -(g db + g2 b2) (damped dihedrals:
+    g = w grad(phi), db = B', g2 = grad(w), b2 = B).
+
+    The entries (bead, dim d, column j + m) are computed and scattered a few chunks of terms at a time, laid
+    out (chunk, bead, dim, column, term within the chunk) in reused buffers: the products run over contiguous
+    terms (with the term as the outer axis, torch's broadcasting over 3 x 4 inner entries was 4x slower),
+    they stay in the CPU cache until the scatter, and one chunk's scatter touches only the rows of its own
+    few frames.
+    """
+    dev = a.device
+    k = start.shape[0]
+    entry = ((torch.arange(3, device=dev) * n_cols).unsqueeze(-1) + torch.arange(4, device=dev)).unsqueeze(-1)
+    per_chunk = k * 12 * min(chunk, start.shape[1])
+    group = max(1, SCATTER_ENTRIES // per_chunk)
+    index_buf = torch.empty(group * per_chunk, dtype=torch.int64, device=dev)
+    val_buf = torch.empty(group * per_chunk, dtype=torch.float64, device=dev)
+    if distance:
+        g = g.unsqueeze(0)                                                   # (1, 3, Q)
+    second = g2 is not None
+    views = [_chunk_views(start, chunk), _chunk_views(g, chunk), _chunk_views(db, chunk)]
+    if second:
+        views += [_chunk_views(g2, chunk), _chunk_views(b2, chunk)]
+    for st, gg, dd, *more in zip(*views):
+        m, c = st.shape[0], st.shape[-1]
+        st, gg, dd = st[:, :, None, None], gg.unsqueeze(3), dd[:, None, None]   # (m,k,1,1,C) (m,kk,3,1,C) (m,1,1,4,C)
+        if second:
+            gg2, bb2 = more[0].unsqueeze(3), more[1][:, None, None]
+        for c0 in range(0, m, group):
+            c1 = min(c0 + group, m)
+            shape = (c1 - c0, k, 3, 4, c)
+            index = torch.add(st[c0:c1], entry, out=index_buf[:math.prod(shape)].view(shape))
+            val = val_buf[:math.prod(shape)].view(shape)
+            if distance:
+                torch.mul(gg[c0:c1, 0], dd[c0:c1, 0], out=val[:, 0])
+                torch.neg(val[:, 0], out=val[:, 1])
+            elif second:
+                torch.mul(gg[c0:c1], dd[c0:c1], out=val).addcmul_(gg2[c0:c1], bb2[c0:c1]).neg_()
+            else:
+                torch.mul(gg[c0:c1], dd[c0:c1], out=val).neg_()
+            a.scatter_add_(0, index.view(-1), val.view(-1))
+
+
+def _design_matrix(found, f0, f1, n, n_cols, block_of, chunk: int = SCATTER_CHUNK, out=None):
+    """Rows of A for frames [f0, f1) of a batch: (nb * n * 3, n_cols), A = dF/dc (kJ/mol/nm per coefficient),
+    rows ordered (frame, bead, dim).
+
+    The columns are every spline's design-matrix columns (``_Block.col``, ``_Block.n_cols``: each term's 4
+    active coefficients are 4 consecutive columns); :func:`_column_map` maps them onto the free coefficients.
     found : term instances of the batch (family, frame, atoms, type, coordinate, gradient), sorted by frame.
+    out : optional float64 buffer of at least nb * n * 3 * n_cols entries to build A in (reused between calls:
+    fresh memory is slow to fill). Each term type is added by :func:`_scatter_terms`.
     """
     nb = f1 - f0
-    # Laid out (frame, bead, column, dim) so each term adds one 3-vector per column.
-    a = torch.zeros((nb * n * n_coef, 3), dtype=torch.float64, device=found[0][1].device if found else "cpu")
+    dev = found[0][1].device if found else "cpu"
+    size = nb * n * 3 * n_cols                                                # laid out (frame, bead, dim, col)
+    a = torch.zeros(size, dtype=torch.float64, device=dev) if out is None else out[:size].zero_()
     for fam, frame, atoms, typ, c, grad in found:
         bounds = torch.searchsorted(frame, torch.tensor([f0, f1], dtype=frame.dtype, device=frame.device))
         lo, hi = int(bounds[0]), int(bounds[1])
@@ -233,28 +632,72 @@ def _design_matrix(found, f0, f1, n, n_coef, block_of):
                 frame_t, atoms_t, c_t, grad_t = frame[sel], atoms[sel], c[sel], grad[sel]
             else:
                 frame_t, atoms_t, c_t, grad_t = frame, atoms, c, grad
-            u, cols = _locate(blk, c_t)
-            db = _basis_derivative(u) / blk.h                             # (Q, 4)
-            if blk.family == "pairs":                                      # coefficients past the cutoff are zero
-                keep = cols < blk.n_coef
-                db = db * keep
-                cols = cols * keep
-            cols = cols + blk.offset
-            rows = ((frame_t.to(torch.int64) - f0).unsqueeze(1) * n + atoms_t) * n_coef   # (Q, k) int64
-            if blk.family in ("pairs", "bonds"):
-                # The two beads of a distance get opposite forces: one value array, two scatters.
-                val = (-grad_t.unsqueeze(1) * db.unsqueeze(-1)).reshape(-1, 3)             # (Q * 4, 3)
-                a.index_add_(0, (rows[:, 1:2] + cols).reshape(-1), val)
-                a.index_add_(0, (rows[:, 0:1] + cols).reshape(-1), val, alpha=-1.0)
+            if c_t.shape[0] == 0:
+                continue
+            u, j = _interval(blk, c_t)
+            db = _basis_slopes(u, blk.h)                                                    # (4, Q)
+            start = ((frame_t.to(torch.int64) - f0) * n).unsqueeze(0) + atoms_t.T.to(torch.int64)
+            start = start * (3 * n_cols) + (j + blk.col)                                     # (k, Q)
+            distance = blk.family in ("pairs", "bonds")
+            # grad: (Q, 3) unit vectors for distances, else (Q, k, 3); as (3, Q) or (k, 3, Q). Damped dihedrals
+            # (Q, k, 3, 2): d(w B_k(phi)) = w B_k' grad(phi) + B_k grad(w), as (2, k, 3, Q) with the values B.
+            damped = grad_t.dim() == 4
+            g = grad_t.T if distance else grad_t.permute(3, 1, 2, 0) if damped else grad_t.permute(1, 2, 0)
+            if g.stride(-1) != 1 or (damped and not g.is_contiguous()):
+                g = g.contiguous()
+            if damped:
+                _scatter_terms(a, start, g[0], db, n_cols, distance, chunk, g[1], _basis(u).T.contiguous())
             else:
-                flat = rows.unsqueeze(-1) + cols.unsqueeze(1)              # (Q, k, 4)
-                if grad_t.dim() == 4:  # damped dihedrals: d(w B_k(phi)) = w B_k' grad(phi) + B_k grad(w)
-                    val = -(grad_t[..., 0].unsqueeze(2) * db.view(-1, 1, 4, 1)
-                            + grad_t[..., 1].unsqueeze(2) * _basis(u).view(-1, 1, 4, 1))
-                else:
-                    val = -grad_t.unsqueeze(2) * db.view(-1, 1, 4, 1)      # (Q, k, 4, 3)
-                a.index_add_(0, flat.reshape(-1), val.reshape(-1, 3))
-    return a.view(nb, n, n_coef, 3).permute(0, 1, 3, 2).reshape(nb * n * 3, n_coef)
+                _scatter_terms(a, start, g, db, n_cols, distance, chunk)
+    return a.view(nb * n * 3, n_cols)
+
+
+def _column_map(blocks, n_cols: int, n_coef: int, device) -> torch.Tensor:
+    """(n_cols, n_coef) 0/1 matrix P from design-matrix columns to free coefficients: A_free = A P, so the
+    normal equations of the free coefficients are P^T (A^T A) P and P^T (A^T F)."""
+    p = torch.zeros((n_cols, n_coef), dtype=torch.float64)
+    for blk in blocks:
+        for k, coef in enumerate(blk.column_coefficients()):
+            if coef is not None:
+                p[blk.col + k, blk.offset + coef] = 1.0
+    return p.to(device)
+
+
+class _NormalEquations:
+    """Running sums A^T A (n, n), A^T F (n,) and F^T F of design-matrix rows A (kJ/mol/nm per coefficient)
+    and reference forces F (kJ/mol/nm), in float64.
+
+    On the CPU the products go through numpy (OpenBLAS): for the tall, narrow matrices here (~10^4 x 10^2)
+    it was twice as fast as torch's matmul (MKL) on the development machine (AMD EPYC); on other devices torch.
+    """
+
+    def __init__(self, n: int, device):
+        self.device = torch.device(device)
+        self.cpu = self.device.type == "cpu"
+        if self.cpu:
+            self.ata, self.atb = np.zeros((n, n)), np.zeros(n)
+        else:
+            self.ata = torch.zeros((n, n), dtype=torch.float64, device=self.device)
+            self.atb = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self.btb = 0.0
+
+    def add(self, a, f: np.ndarray):
+        """a : (rows, n) torch float64 on the device; f : (rows,) numpy float64."""
+        if self.cpu:
+            a = a.numpy()
+            self.ata += a.T @ a
+            self.atb += a.T @ f
+        else:
+            ft = torch.as_tensor(f, device=self.device)
+            self.ata += a.T @ a
+            self.atb += a.T @ ft
+        self.btb += float(f @ f)
+
+    def result(self):
+        """A^T A, A^T F as float64 tensors on the device, and F^T F (float)."""
+        if self.cpu:
+            return torch.from_numpy(self.ata), torch.from_numpy(self.atb), self.btb
+        return self.ata, self.atb, self.btb
 
 
 # ------------------------------------------------------------------------------------- main
@@ -292,7 +735,9 @@ def fit_spline(positions, forces, box, topology, *, cutoff: float, pair_knots: i
     grid_per_knot : table points per knot interval
     wall_kT : wall curvature outside the sampled range, in kT per (sampled width)^2 (0.1 nm for pairs)
     periodic : use the minimum image (default: box is not None)
-    pair_search : "auto" (vesin-torch's cell list if installed), "vesin" or "dense" (all pairs, in torch)
+    pair_search : "auto", "dense" (all pairs, float32 screen), "kdtree" (scipy's k-d tree, rectangular or no
+        boxes) or "vesin" (vesin-torch's cell list); "auto" picks dense for small boxes filled by the cutoff
+        sphere, else kdtree, else vesin for triclinic boxes; see :class:`PairSearch` (all on the CPU)
     num_threads : torch CPU threads during the fit (restored afterwards); default: leave torch's setting.
         On a small machine shared with other work, 1 can be several times faster than torch's default.
     progress : show tqdm progress bars
@@ -377,8 +822,6 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
     if excluded.numel():
         ex = excluded.to(dev)
         excluded_matrix[ex[:, 0], ex[:, 1]] = True
-    bead_type = torch.as_tensor(topology.type_index()).to(dev)
-    pair_type_matrix = torch.as_tensor(topology.pair_type_matrix()).to(dev)
     terms = {fam: (torch.as_tensor(getattr(topology, fam)).to(dev),
                    torch.as_tensor(topology.term_type_index(fam)).reshape(-1).to(dev),
                    topology.term_type_names(fam)) for fam in ("bonds", "angles", "dihedrals")}
@@ -390,38 +833,55 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
     # A batch holds the geometry of its pairs (about 60 per bead) and terms.
     n_terms = sum(int(t[0].shape[0]) * t[0].shape[1] for t in terms.values())
     batches = make_batches(batch_frames or 2e6 / (60 * n + 4 * n_terms + 1))
+    # Boxes for the pair geometry (numpy): rectangular edges, or triclinic boxes, or none.
+    rectangular = box is None or not np.any(box - np.einsum("fi,ij->fij", box[:, [0, 1, 2], [0, 1, 2]], np.eye(3)))
+    lengths = None if box is None or not rectangular else np.ascontiguousarray(box[:, [0, 1, 2], [0, 1, 2]])
+    boxes = None if box is None or rectangular else box
+    # Pair type of beads i, j: type_matrix[bead_type[i], bead_type[j]] (None: one pair type).
+    pair_type = None if len(pair_names) <= 1 else (np.asarray(topology.type_index()),
+                                                     np.asarray(topology.pair_type_matrix()))
 
     def load(s, e):
         x = torch.tensor(pos[s:e], dtype=f64, device=dev)
         b = None if box is None else torch.tensor(box[s:e], dtype=f64, device=dev)
         return x, b
 
-    def instances(x, b, need_grad=True):
-        """Yield (family, frame, atoms, type, coordinate, gradient) for every term family in one batch."""
-        if pair_names:
-            yield ("pairs",) + _pair_instances(x, b, excluded_matrix, pair_type_matrix, bead_type, cutoff,
-                                               search)
-        for fam, (idx, typ, names) in terms.items():
-            if idx.shape[0]:
-                yield (fam,) + _bonded_instances(x, b, idx, typ, fam, need_grad, damping)
+    def bonded(x, b, need_grad=True):
+        """(family, frame, atoms, type, coordinate, gradient) of every bonded family in one batch."""
+        return [(fam,) + _bonded_instances(x, b, idx, typ, fam, need_grad, damping)
+                for fam, (idx, typ, names) in terms.items() if idx.shape[0]]
 
-    # Pass 1: sampled ranges of every term type. The term geometry of each batch is kept for pass 2 while it
-    # fits in CACHE_BYTES, so pass 2 need not search the pairs again.
+    def scan_pairs(x, b):
+        """(_PairList, lo, hi, count) of one batch, or None without pair types."""
+        if not pair_names:
+            return None
+        return _PairList.scan(search, x, b, excluded_matrix, pair_type, len(pair_names))
+
+    # Pass 1: sampled ranges of every term type. The pairs of each batch (compact, _PairList) and the bonded
+    # geometry are kept for pass 2 while they fit in CACHE_BYTES, so pass 2 need not search the pairs again.
     fam_types = {"pairs": pair_names, **{fam: t[2] for fam, t in terms.items()}}
     lo_seen = {fam: torch.full((len(v),), math.inf, dtype=f64, device=dev) for fam, v in fam_types.items()}
     hi_seen = {fam: torch.full((len(v),), -math.inf, dtype=f64, device=dev) for fam, v in fam_types.items()}
     counts = {fam: torch.zeros(len(v), dtype=f64, device=dev) for fam, v in fam_types.items()}
     cache, cache_bytes = [], 0
     for s, e in tqdm(batches, desc="MS-CG ranges", disable=not progress, leave=False):
-        found = list(instances(*load(s, e), need_grad=cache is not None))
+        x, b = load(s, e)
+        found = bonded(x, b, need_grad=cache is not None)
         for fam, _f, _a, typ, c, _g in found:
             lo_seen[fam].scatter_reduce_(0, typ, c, "amin")
             hi_seen[fam].scatter_reduce_(0, typ, c, "amax")
             counts[fam].index_add_(0, typ, torch.ones_like(c))
+        pairs = scan_pairs(x, b)
+        if pairs is not None:
+            pairs, lo, hi, count = pairs
+            lo_seen["pairs"] = torch.minimum(lo_seen["pairs"], torch.as_tensor(lo, device=dev))
+            hi_seen["pairs"] = torch.maximum(hi_seen["pairs"], torch.as_tensor(hi, device=dev))
+            counts["pairs"] += torch.as_tensor(count, device=dev)
         if cache is not None:
             cache_bytes += sum(t.numel() * t.element_size() for item in found for t in item[1:])
+            cache_bytes += 0 if pairs is None else pairs.nbytes
             if cache_bytes <= CACHE_BYTES:
-                cache.append(found)
+                cache.append((pairs, found))
             else:
                 cache = None
     for fam in fam_types:  # ranges and counts over every rank's frames
@@ -431,7 +891,7 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
 
     blocks = []
     knots = {"pairs": pair_knots, "bonds": bond_knots, "angles": angle_knots, "dihedrals": dihedral_knots}
-    offset = 0
+    offset = col = 0
     for fam, names in fam_types.items():
         for i, key in enumerate(names):
             if counts[fam][i] == 0:
@@ -440,29 +900,42 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
                                  "from the topology or give frames that sample it")
             blk = _make_block(fam, key, float(lo_seen[fam][i]), float(hi_seen[fam][i]), int(knots[fam]),
                               int(grid_per_knot), cutoff)
-            blk.offset = offset
+            blk.offset, blk.col = offset, col
             offset += blk.n_coef
+            col += blk.n_cols
             blocks.append(blk)
     n_coef = offset
     block_of = {fam: [b for b in blocks if b.family == fam] for fam in fam_types}
 
-    # Pass 2: normal equations.
-    ata = torch.zeros((n_coef, n_coef), dtype=f64, device=dev)
-    atb = torch.zeros(n_coef, dtype=f64, device=dev)
-    btb = 0.0
+    # Pass 2: normal equations over the design-matrix columns (n_cols), then restricted to the free ones.
+    n_cols = col
+    normal = _NormalEquations(n_cols, dev)
     # The design matrix of a sub-batch is kept near DESIGN_ENTRIES doubles so the scattered additions stay in
     # the CPU cache (several times faster than one large matrix per batch).
-    sub = max(1, int(DESIGN_ENTRIES // (3 * n * n_coef)))
+    sub = max(1, int(DESIGN_ENTRIES // (3 * n * n_cols)))
+    design = torch.empty(min(sub, n_frames) * n * 3 * n_cols, dtype=f64, device=dev)
     for batch, (s, e) in enumerate(tqdm(batches, desc="MS-CG normal equations", disable=not progress,
                                         leave=False)):
-        found = cache[batch] if cache is not None else list(instances(*load(s, e)))
+        if cache is not None:
+            pairs, found = cache[batch]
+        else:
+            x, b = load(s, e)
+            found = bonded(x, b)
+            pairs = scan_pairs(x, b)
+            pairs = None if pairs is None else pairs[0]
         for s2 in range(0, e - s, sub):
             e2 = min(s2 + sub, e - s)
-            a = _design_matrix(found, s2, e2, n, n_coef, block_of)
-            fref = torch.tensor(frc[s + s2:s + e2], dtype=f64, device=dev).reshape(-1)
-            ata += a.T @ a
-            atb += a.T @ fref
-            btb += float(fref @ fref)
+            terms_now = found
+            if pairs is not None:  # the pair geometry of these frames, recomputed
+                g0, g1 = s + s2, s + e2
+                terms_now = [("pairs",) + pairs.instances(
+                    pos[g0:g1], None if lengths is None else lengths[g0:g1],
+                    None if boxes is None else boxes[g0:g1], s2, e2, pair_type, dev)] + found
+            normal.add(_design_matrix(terms_now, s2, e2, n, n_cols, block_of, out=design),
+                       frc[s + s2:s + e2].reshape(-1))
+    ata, atb, btb = normal.result()
+    fold = _column_map(blocks, n_cols, n_coef, dev)
+    ata, atb = fold.T @ ata @ fold, fold.T @ atb
     # Sums over every rank's frames; each rank then solves the same system (no broadcast needed).
     distributed.all_reduce(ata)
     distributed.all_reduce(atb)
@@ -510,7 +983,7 @@ def _fit_spline(positions, forces, box, topology, cutoff, pair_knots, bond_knots
     elapsed = time.perf_counter() - t_start
     model.fit_info = {"method": "MS-CG force matching, cubic B-splines", "force_residual": residual,
                       "n_frames": n_total, "n_coefficients": n_coef, "ridge": ridge, "time_s": elapsed,
-                      "device": str(dev), "pair_search": "vesin" if search.vesin is not None else "dense",
+                      "device": str(dev), "pair_search": "+".join(sorted(search.used)) or search.method,
                       "batch_frames": batches[0][1] - batches[0][0] if batches else 0,
                       "ranks": distributed.world_size(),
                       "geometry_cached": cache is not None, "tables": info_tables}
