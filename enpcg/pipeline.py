@@ -819,7 +819,7 @@ def _fit_oriented(data, out, temperature, cutoff, epochs, batch_size, lr, device
     t0 = time.time()
     if prior:
         net, history = _fit_oriented_with_prior(d, prior, data, cutoff, kt, r_min, epochs, batch_size, lr, device,
-                                                seed, length_scale, train_dir)
+                                                seed, length_scale, train_dir, max_minutes)
     else:
         # The learned, orientation-dependent contact distance starts at the closest approach in the data.
         net = create_model("oriented_neural", d.topology, cutoff=cutoff, core_radius=round(0.9 * r_min, 4),
@@ -844,25 +844,27 @@ def _fit_oriented(data, out, temperature, cutoff, epochs, batch_size, lr, device
 
 
 def _fit_oriented_with_prior(d, prior, data, cutoff, kt, r_min, epochs, batch_size, lr, device, seed, length_scale,
-                             train_dir):
-    """(oriented_sum model, correction history) of ``enpcg fit --model oriented_neural --prior ...``."""
+                             train_dir, max_minutes):
+    """(oriented_sum model, correction history) of ``enpcg fit --model oriented_neural --prior ...``; stages
+    checkpointed below ``train_dir`` (a rerun with ``--resume`` goes on from them)."""
     from .fileio import write_json
     from .models import create_model, load_model
     from .models.base import check_model_matches
     from .oriented.base import OrientedModel
     from .oriented.fit import fit_prior_and_correction
 
-    directors = {o for o in d.topology.orientations}
+    kinds = set(d.topology.orientations)
     correction = create_model("oriented_neural", d.topology, cutoff=cutoff, n_rbf=16, hidden=32, depth=2,
                               chiral=True, energy_scale=0.4 * kt, seed=seed,
                               switch_distance=round(cutoff - 0.2, 4) if cutoff > 0.4 else None,
-                              apolar=directors == {"director"}).float()
+                              apolar=kinds == {"director"}).float()
     common = dict(epochs=epochs, lr=lr, batch_size=batch_size, length_scale=length_scale or None, seed=seed,
-                  device=_device(device), progress=True)
+                  device=_device(device), progress=True, out_dir=train_dir,
+                  max_seconds=(max_minutes * 60) or None)
     if prior == "gay_berne":
-        if directors != {"director"} or len(set(d.topology.bead_types)) != 1:
+        if kinds != {"director"} or len(set(d.topology.bead_types)) != 1:
             raise EnpcgError(f"fit.prior: 'gay_berne' needs uniaxial beads of one type; {data} has orientations "
-                             f"{sorted(directors)} and bead types {sorted(set(d.topology.bead_types))}. Fix: map "
+                             f"{sorted(kinds)} and bead types {sorted(set(d.topology.bead_types))}. Fix: map "
                              "with 'orientation: director' beads of one type, or leave --prior empty")
         # Start: a prolate ellipsoid as wide as the closest approach in the data, kT deep; Adam then L-BFGS
         # converge it (the known-answer test starts 25-150 % off the truth).

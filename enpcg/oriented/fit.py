@@ -320,7 +320,7 @@ def fit_prior_and_correction(prior: OrientedModel, correction: OrientedModel, da
                              lbfgs_epochs: int = 3, epochs: int = 80, lr: float = 3e-3, batch_size: int = 2,
                              weight_decay: float = 1.0, val_fraction: float = 0.2, grad_clip: Optional[float] = 3.0,
                              length_scale: Optional[float] = None, seed: int = 0, device: str = "auto",
-                             progress: bool = False):
+                             progress: bool = False, out_dir=None, max_seconds: Optional[float] = None):
     """A physical prior (e.g. ``gay_berne``) fitted first, then a neural correction on top of it, frozen prior.
 
     Returns (``oriented_sum`` model of prior + correction in the correction's dtype, {"prior": history,
@@ -335,22 +335,28 @@ def fit_prior_and_correction(prior: OrientedModel, correction: OrientedModel, da
     its decoupled ``weight_decay`` and the held-out ``val_fraction`` of frames (the best validation state is
     kept) stop it from turning the data's noise into energy fluctuations (see ``weight_decay`` in
     :func:`fit_oriented`).
+
+    out_dir : checkpoints of the three stages in ``prior/``, ``prior_lbfgs/`` and ``correction/`` below it; a
+    rerun resumes (finished stages return at once). max_seconds : wall-time limit of the correction stage.
     """
     from ..models.base import create_model
     from . import sites  # noqa: F401  (registers "oriented_sum")
 
     l = float(length_scale) if length_scale is not None else None
+    stage = (lambda name: None) if out_dir is None else (lambda name: Path(out_dir) / name)
     hist_prior = fit_oriented(prior, data, epochs=prior_epochs, lr=prior_lr, batch_size=prior_batch_size,
-                              length_scale=l, val_fraction=0.0, seed=seed, device=device, progress=progress)
+                              length_scale=l, val_fraction=0.0, seed=seed, device=device, progress=progress,
+                              out_dir=stage("prior"))
     if lbfgs_epochs > 0:
         hist_prior["lbfgs"] = fit_oriented(prior, data, epochs=lbfgs_epochs, batch_size=max(prior_batch_size, 1),
                                            length_scale=l, val_fraction=0.0, seed=seed, device=device,
-                                           optimizer="lbfgs", progress=progress)
+                                           optimizer="lbfgs", progress=progress, out_dir=stage("prior_lbfgs"))
     dtype = model_dtype(correction)
     model = create_model("oriented_sum", data.topology, terms=[prior, correction]).to(dtype)
     for p in model.terms[0].parameters():
         p.requires_grad_(False)
     hist = fit_oriented(model, data, epochs=epochs, lr=lr, batch_size=batch_size, length_scale=l,
                         val_fraction=val_fraction, seed=seed, device=device, progress=progress,
-                        weight_decay=weight_decay, grad_clip=grad_clip)
+                        weight_decay=weight_decay, grad_clip=grad_clip, out_dir=stage("correction"),
+                        max_seconds=max_seconds)
     return model, {"prior": hist_prior, "correction": hist}
