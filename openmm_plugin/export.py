@@ -286,7 +286,8 @@ def _native_forces(model: CGModel, *, periodic: bool, dtype, cuda_graphs: bool) 
 def split_native(model: CGModel):
     """(native forces of the terms of ``model`` that have a native form, the model of the other terms or None):
     the two parts of the ``"mixed"`` backend. A ``sum`` model is split term by term; any other model is one
-    term. The second part is a copy (one term, or a ``sum`` of several) with the same weights."""
+    term. The second part is that term itself when it is one, else a new ``sum`` of them with the same weights
+    (the TorchForce export copies it either way)."""
     terms = list(model.terms) if model.kind == "sum" else [model]
     native, rest = [], []
     for term in terms:

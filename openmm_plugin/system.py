@@ -256,7 +256,8 @@ class CGPotential:
                    **kw) -> Optional["CellLists"]:
         """The fixed-capacity cell lists of the System that :meth:`create_system` builds from the same arguments,
         as a :class:`CellLists` (checks a structure against their capacities, rebuilds the System with larger
-        ones), or None when that System has none (backend other than "torch", no periodic box, or no "cells"
+        ones), or None when that System has none (backend other than "torch" or "mixed" (whose TorchForce holds
+        only the terms without a native form), no periodic box, or no "cells"
         pair list after the graph-safe swap of ``cuda_graphs=True``). For
         :func:`openmm_plugin.simulate.run_simulation` (``cell_lists=``)."""
         if backend not in ("torch", "mixed"):
