@@ -1,6 +1,6 @@
 """Where a TorchForce step's GPU time goes: torch profiler over energy + forces of the graph-safe exports
 (the cell-list path CUDA graphs capture) of the demo's spline and neural models at 64k beads (8x8x4 replicas),
-on CUDA, float64 as bench/run_bench.py runs them. Prints the top operators by CUDA time. Usage (GPU machine, after the
+on CUDA, float32 (as `bench/gpu_perf.sh` times them). Prints the top operators by CUDA time. Usage (GPU machine, after the
 wheel install of bench/gpu_perf.sh): python bench/gpu_profile.py"""
 import os
 import sys
@@ -29,9 +29,9 @@ for size in sys.argv[1:] or ["64k"]:
     top, pos, box = rb.replicate(spline.topology, last.positions[0], last.box[0], rb.SHAPES[size])
     for name, m in (("spline", spline), ("neural", neural)):
         model = graph_safe_model(rb.rebuild(m, top), box)
-        mod = torch.jit.freeze(script_model(model).to(DEV).eval())  # as openmm-torch runs it (float64 here)
-        x = torch.tensor(pos, device=DEV)
-        b = torch.tensor(box, device=DEV)
+        mod = torch.jit.freeze(script_model(model, dtype="float32").to(DEV).eval())  # as openmm-torch runs it
+        x = torch.tensor(pos, dtype=torch.float32, device=DEV)
+        b = torch.tensor(box, dtype=torch.float32, device=DEV)
 
         def call():
             xx = x.clone().requires_grad_(True)

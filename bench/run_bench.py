@@ -200,6 +200,11 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per row")
     p.add_argument("--dynamics", default=None, help="dynamics.json of `enpcg calibrate` (time_scale mode)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="precision of the TorchForce and "
+                   "PythonForce rows (default: the models' own, float64); the GPU script uses float32")
+    p.add_argument("--rows", default=None, help="comma-separated substrings: time only the per-size rows whose "
+                   "name contains one (e.g. 'native,graphs,empty'); default all")
+    p.add_argument("--skip-fit", action="store_true", help="skip the fitting-throughput rows")
     p.add_argument("--dry-run", action="store_true", help="run the GPU rows (CUDA graphs, mixed export) on this "
                    "platform, to check the GPU script's code paths without a GPU; their times mean nothing")
     args = p.parse_args(argv)
@@ -229,7 +234,7 @@ def main(argv=None):
         try:
             value = fn()
         except Exception as e:
-            print(f"{label}: failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})", flush=True)
+            print(f"{label}: failed ({type(e).__name__}: {' | '.join(str(e).splitlines())[:1500]})", flush=True)
             value = float("nan")
         print(f"{label}: {value:.4g}", flush=True)
         extras[label] = value
@@ -248,19 +253,42 @@ def main(argv=None):
     # "mixed": the priors as OpenMM's own forces, the network as one TorchForce (how the demo runs it); on a
     # GPU with CUDA graphs as well (the faster of the two counts)
     ms_cg_neural = guarded("ms_cg_neural", lambda: time_steps(
-        make_system(export_forces(neural, "mixed"), neural.topology.masses, last.box[0]),
+        make_system(export_forces(neural, "mixed", dtype=args.dtype), neural.topology.masses, last.box[0]),
         last.positions[0], NEURAL_TIMESTEP_PS, args.platform, args.seconds))
+    big = None
     if gpu_rows:
         ms_graphs = guarded("ms_cg_neural_graphs", lambda: time_steps(
-            make_system(export_forces(neural, "mixed", cuda_graphs=True, box=last.box[0]), neural.topology.masses,
-                        last.box[0]), last.positions[0], NEURAL_TIMESTEP_PS, args.platform, args.seconds))
+            make_system(export_forces(neural, "mixed", cuda_graphs=True, box=last.box[0], dtype=args.dtype),
+                        neural.topology.masses, last.box[0]),
+            last.positions[0], NEURAL_TIMESTEP_PS, args.platform, args.seconds))
         ms_cg_neural = float(np.nanmin([ms_cg_neural, ms_graphs]))
+        # The same comparison at scale: at 252 beads a GPU step is launch-bound for both systems, so the CG
+        # speed-up there says little about large melts. Both melts replicated 8 x 8 x 4 (periodic images of
+        # the equilibrated cells): 64,512 CG beads against 258,048 united atoms.
+        from systems.polyethylene import create_system
+
+        shape = (1, 1, 1) if args.dry_run else SHAPES["64k"]
+        reps = shape[0] * shape[1] * shape[2]
+        ua_pos = np.concatenate([melt.positions + a * melt.box[0] + b * melt.box[1] + c * melt.box[2]
+                                 for a in range(shape[0]) for b in range(shape[1]) for c in range(shape[2])])
+        ua_box = melt.box * np.asarray(shape, dtype=float)[:, None]
+        n_chains = melt.topology.getNumChains()
+        ua_system, _ = create_system(n_chains * reps, melt.n_particles // n_chains, float(ua_box.max()))
+        ua_system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*v) for v in ua_box])
+        ms_aa_big = guarded("ms_aa_big", lambda: time_steps(ua_system, ua_pos, 0.002, args.platform, args.seconds))
+        top_b, pos_b, box_b = replicate(spline.topology, last.positions[0], last.box[0], shape)
+        ms_cg_big = guarded("ms_cg_native_big", lambda: time_steps(
+            make_system(export_forces(rebuild(spline, top_b), "native"), top_b.masses, box_b), pos_b, CG_TIMESTEP_PS,
+            args.platform, args.seconds))
+        big = (len(ua_pos), top_b.n_beads, ms_aa_big, ms_cg_big)
     time_scale = None
     if args.dynamics:
         cal = json.loads(Path(args.dynamics).read_text())
         time_scale = float(cal.get("time_scale", 1.0)) if cal.get("mode") == "time_scale" else None
     fit_device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     try:
+        if args.skip_fit:
+            raise RuntimeError("skipped (--skip-fit)")
         mscg_rate, neural_rate, mscg_gap = fitting_throughput(demo, neural, args.seconds * 5, fit_device)
     except Exception as e:
         print(f"fitting throughput: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
@@ -274,18 +302,23 @@ def main(argv=None):
     for k, size in enumerate(sizes):
         top, pos, box = replicate(spline.topology, last.positions[0], last.box[0], SHAPES[size])
         s, nn, zero = rebuild(spline, top), rebuild(neural, top), Zero(top)
+        dt = args.dtype
         cases = [("native spline", lambda: export_forces(s, "native")),
-                 ("TorchForce spline", lambda: export_forces(s, "torch")),
-                 ("TorchForce neural", lambda: export_forces(nn, "torch")),
-                 ("TorchForce empty", lambda: export_forces(zero, "torch"))]
+                 ("TorchForce spline", lambda: export_forces(s, "torch", dtype=dt)),
+                 ("TorchForce neural", lambda: export_forces(nn, "torch", dtype=dt)),
+                 ("TorchForce empty", lambda: export_forces(zero, "torch", dtype=dt))]
         if gpu_rows:
-            cases += [(f"{name}, CUDA graphs", lambda m=m: export_forces(m, "torch", cuda_graphs=True, box=box))
+            cases += [(f"{name}, CUDA graphs", lambda m=m: export_forces(m, "torch", cuda_graphs=True, box=box, dtype=dt))
                       for name, m in (("TorchForce spline", s), ("TorchForce neural", nn), ("TorchForce empty", zero))]
             # the neural model as the demo runs it: priors native, network as one TorchForce
-            cases += [("mixed neural", lambda: export_forces(nn, "mixed")),
-                      ("mixed neural, CUDA graphs", lambda: export_forces(nn, "mixed", cuda_graphs=True, box=box))]
+            cases += [("mixed neural", lambda: export_forces(nn, "mixed", dtype=dt)),
+                      ("mixed neural, CUDA graphs", lambda: export_forces(nn, "mixed", cuda_graphs=True, box=box,
+                                                                         dtype=dt))]
         if k == 0 and hasattr(openmm, "PythonForce"):
-            cases += [("PythonForce neural", lambda: export_forces(nn, "python"))]
+            cases += [("PythonForce neural", lambda: export_forces(nn, "python", dtype=dt))]
+        if args.rows:
+            wanted = args.rows.split(",")
+            cases = [(name, make) for name, make in cases if any(w in name for w in wanted)]
         base = None
         for name, make in cases:
             err = float("nan")
@@ -296,7 +329,7 @@ def main(argv=None):
                 ms = time_steps(make_system(make(), top.masses, box), pos, 0.01, args.platform, args.seconds)
             except Exception as e:  # e.g. a model that CUDA graphs cannot capture: report it, go on
                 print(f"{top.n_beads} beads, {name}: failed ({type(e).__name__}: "
-                      f"{(str(e).splitlines() or [''])[0][:300]})", flush=True)
+                      f"{' | '.join(str(e).splitlines())[:1500]})", flush=True)
                 ms = float("nan")
             base = base or ms
             rows.append({"size": size, "beads": top.n_beads, "force": name, "ms_per_step": ms, "x_native": ms / base,
@@ -382,6 +415,11 @@ def main(argv=None):
           f"{h(ms_enp, 0.002):.3f} | 1 |")
     print(f"| CG, neural (priors native + network TorchForce) | 252 | {dt_nn * 1e3:g} | {ms_cg_neural:.3f} | {h(ms_cg_neural, dt_nn):.3f} | "
           f"{h(ms_enp, 0.002) / h(ms_cg_neural, dt_nn):.1f}x (goal >= 100) |")
+    if big is not None:
+        n_ua, n_cg, ms_a, ms_c = big
+        print(f"| united-atom reference x {n_ua // 1008}, native forces | {n_ua} | 2 | {ms_a:.3f} | {h(ms_a, 0.002):.3f} | 1 |")
+        print(f"| CG, native spline x {n_cg // 252} | {n_cg} | {dt_cg * 1e3:g} | {ms_c:.3f} | {h(ms_c, dt_cg):.3f} | "
+              f"{h(ms_a, 0.002) / h(ms_c, dt_cg):.1f}x (goal >= 10) |")
     if time_scale:
         print(f"Per atomistic-equivalent nanosecond (time scale {time_scale:.3f} from {args.dynamics}): "
               f"native spline {h(ms_aa, 0.002) / h(ms_cg_native, dt_cg) * time_scale:.1f}x, neural "

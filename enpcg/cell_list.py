@@ -14,10 +14,12 @@ kernels on the same memory, so the search must
 Method: fractional coordinates s = r inverse(box), wrapped into [0, 1), are binned into n_x n_y n_z cells,
 n_k = floor(perpendicular box width_k / cutoff) fixed from a reference box. Particles are sorted by cell
 (``argsort``), cell counts come from ``index_add_`` and start offsets from ``cumsum``, so the particles of a
-cell are a contiguous range of the sorted order. Each particle scans its 27 neighbour cells up to
-``cell_capacity`` slots each, keeps candidates j > i within the cutoff, and compacts them, in candidate
+cell are a contiguous range of the sorted order. Each particle scans a half shell of neighbour cells, its own
+cell and the 13 cells of positive offset (the other 13 see it from their side), up to ``cell_capacity`` slots
+each: every pair of neighbouring cells is scanned once, so half the candidates of a 27-cell scan. It keeps the
+candidates within the cutoff (in its own cell those of higher index only), and compacts them, in candidate
 order, into ``max_neighbors`` slots by a cumulative sum and a ``scatter_`` whose overflowing entries land in a
-discarded extra column. What does not fit (a cell with more than ``cell_capacity`` particles, a particle
+discarded extra column. Each kept pair is returned as (min, max) of its two indices. What does not fit (a cell with more than ``cell_capacity`` particles, a particle
 with more than ``max_neighbors`` partners, a box shrunk so that a cell is narrower than the cutoff) sets
 the persistent ``overflow`` buffer instead of changing a shape: the caller checks it at report time (for
 example ``cell_list.overflowed()``) and, when set, rebuilds the model with ``cell_list.grown()`` (doubled
@@ -46,7 +48,9 @@ _SKIN_FLOAT32 = 1e-4
 # Tolerance of the "cell narrower than the cutoff" test, so that a box whose width is exactly n_k cutoffs
 # (and the float32 copy of a float64 box) does not raise a false overflow.
 _WIDTH_RTOL = 1e-6
-# Default cap on candidates (particles x 27 x cell_capacity) processed at once: bounds peak memory
+# Neighbour cells each particle scans: its own and the 13 of positive offset (a half shell).
+_HALF_SHELL = 14
+# Default cap on candidates (particles x 14 x cell_capacity) processed at once: bounds peak memory
 # (about 100 bytes per candidate in float64) without changing any output.
 _CHUNK_CANDIDATES = 1 << 22
 
@@ -104,16 +108,17 @@ class CellList(torch.nn.Module):
     n_particles : int. cutoff : float, nm. box : (3, 3) reference box (numpy or tensor, nm, rows, reduced
     form): fixes the cell grid n_k = floor(perpendicular width_k / cutoff), which must be >= 3 in every
     dimension. positions : optional (n, 3) reference positions (nm) from which the capacities are derived.
-    cell_capacity : max particles per cell; max_neighbors : max partners j > i per particle i. 0 derives
+    cell_capacity : max particles per cell; max_neighbors : max pairs in one particle's row (its partners
+    in the 13 forward cells of its half shell and those of higher index in its own cell). 0 derives
     them: the maximum observed in ``positions`` x ``headroom``, rounded up, or without positions a safety
     factor on the mean density (3 x the mean cell occupancy; 1.5 x the mean number of particles within the
-    cutoff, which bounds the partners j > i of the lowest indices), each with a Poisson margin for sparse
-    systems. chunk_candidates : candidates processed at once (memory bound only; outputs do not depend on it).
+    cutoff, which bounds a row), each with a Poisson margin for sparse systems. chunk_candidates : candidates processed at once (memory bound only; outputs do not depend on it).
 
     ``forward(positions (n, 3), box (3, 3)) -> (i, j, d)``: i, j (P,) int64 and d (P, 3) nm with
-    P = n * max_neighbors, row i of the list at [i * max_neighbors, (i + 1) * max_neighbors). d is the
-    minimum-image r_j - r_i, differentiable w.r.t. positions and box. Padded slots have i = j = 0 and
-    d = (2 cutoff, 0, 0) without gradient, so a pair energy that vanishes beyond the cutoff gives zero for
+    P = n * max_neighbors, row k of the list (the pairs particle k found) at [k * max_neighbors, (k + 1) *
+    max_neighbors), each pair as i = min, j = max of its indices. d is the minimum-image r_j - r_i,
+    differentiable w.r.t. positions and box. A padded slot of row k has i = j = k and d = (2 cutoff, 0, 0)
+    without gradient, so a pair energy that vanishes beyond the cutoff gives zero for
     them. Real entries include every pair closer than the cutoff and possibly a few pairs within a rounding
     margin beyond it: callers mask by r < cutoff.
 
@@ -157,13 +162,15 @@ class CellList(torch.nn.Module):
         self.nx, self.ny, self.nz = grid
         self.n_cells = grid[0] * grid[1] * grid[2]
 
-        # Neighbour-cell table: for each cell (id = (x * ny + y) * nz + z) its 27 neighbours after periodic
-        # wrap, and the lattice shift (in box vectors) that takes a particle of the wrapped neighbour cell
-        # to the image adjacent to the home cell.
+        # Neighbour-cell table: for each cell (id = (x * ny + y) * nz + z) its half shell (itself first, then
+        # the 13 offsets after (0, 0, 0) in lexicographic order) after periodic wrap, and the lattice shift (in
+        # box vectors) that takes a particle of the wrapped neighbour cell to the image adjacent to the home
+        # cell. With >= 3 cells per dimension the 27 offsets reach 27 distinct cells, so each unordered pair of
+        # neighbouring cells is in exactly one half shell.
         g = np.array(grid)
         cx, cy, cz = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), np.arange(grid[2]), indexing="ij")
         home = np.stack([cx.ravel(), cy.ravel(), cz.ravel()], axis=1)  # (n_cells, 3) in cell-id order
-        offsets = np.array(list(itertools.product((-1, 0, 1), repeat=3)))  # (27, 3)
+        offsets = np.array(list(itertools.product((-1, 0, 1), repeat=3)))[13:]  # (14, 3): (0, 0, 0) first
         unwrapped = home[:, None, :] + offsets[None, :, :]
         wrapped = np.mod(unwrapped, g)
         nbr = (wrapped[..., 0] * grid[1] + wrapped[..., 1]) * grid[2] + wrapped[..., 2]
@@ -207,8 +214,8 @@ class CellList(torch.nn.Module):
             nb = int(math.ceil(max(1.5 * expected, expected + 5.0 * math.sqrt(expected) + 5.0)))
         self.max_neighbors = max(1, min(nb, n - 1))
 
-        # Fixed chunks of particle rows so that rows x 27 x capacity stays under chunk_candidates.
-        rows = max(1, self.chunk_candidates // (27 * self.cell_capacity))
+        # Fixed chunks of particle rows so that rows x 14 x capacity stays under chunk_candidates.
+        rows = max(1, self.chunk_candidates // (_HALF_SHELL * self.cell_capacity))
         self.chunk_starts = list(range(0, n, rows))
         self.chunk_sizes = [min(rows, n - s) for s in self.chunk_starts]
 
@@ -242,7 +249,7 @@ class CellList(torch.nn.Module):
         component-major, padded with cap dummy entries so that a cell's cap slots never index past the end.
 
         Reading candidates from the cell-sorted copy touches contiguous memory; component-major arrays keep
-        the per-candidate arithmetic on contiguous (rows, 27, cap) blocks (a reduction over a trailing axis of
+        the per-candidate arithmetic on contiguous (rows, 14, cap) blocks (a reduction over a trailing axis of
         3 is several times slower on CPUs)."""
         pad = torch.zeros(cap, dtype=order.dtype, device=order.device)
         order_ext = torch.cat([order, pad])
@@ -252,26 +259,30 @@ class CellList(torch.nn.Module):
     def _candidates(self, xs: Tensor, order_ext: Tensor, xw: Tensor, cell: Tensor, counts: Tensor,
                     start: Tensor, shift_cart: Tensor, row0: int, rows: int, cap: int,
                     r2_select: float) -> Tuple[Tensor, Tensor]:
-        """Candidates of particle rows [row0, row0 + rows): j (rows, 27 cap) and whether each is a partner
-        (filled slot, j > i, within the selection radius)."""
+        """Candidates of particle rows [row0, row0 + rows): j (rows, 14 cap) and whether each is a partner
+        (filled slot, within the selection radius, and j > i in the particle's own cell)."""
         dev = xw.device
-        m = 27 * cap
+        h = self.nbr_cells.shape[1]  # 14 (a module global is not visible to TorchScript)
+        m = h * cap
         ci = cell.narrow(0, row0, rows)
-        nb = self.nbr_cells.index_select(0, ci).reshape(-1)  # (rows * 27,)
-        st = start.index_select(0, nb).view(rows, 27, 1)
-        ct = counts.index_select(0, nb).view(rows, 27, 1)
+        nb = self.nbr_cells.index_select(0, ci).reshape(-1)  # (rows * 14,)
+        st = start.index_select(0, nb).view(rows, h, 1)
+        ct = counts.index_select(0, nb).view(rows, h, 1)
         k = torch.arange(cap, device=dev)
         filled = (k < ct).view(rows, m)  # slots past a cell's count are empty (they read a dummy entry)
         slot = (st + k).reshape(-1)
         j = order_ext.index_select(0, slot).view(rows, m)
         i = torch.arange(row0, row0 + rows, device=dev)
-        # Image of each neighbour cell adjacent to the home cell, minus the home particle: (rows, 27, 3).
+        # Image of each neighbour cell adjacent to the home cell, minus the home particle: (rows, 14, 3).
         off = shift_cart.index_select(0, ci) - xw.narrow(0, row0, rows).unsqueeze(1)
-        dx = xs[0].index_select(0, slot).view(rows, 27, cap) + off[:, :, 0:1]
-        dy = xs[1].index_select(0, slot).view(rows, 27, cap) + off[:, :, 1:2]
-        dz = xs[2].index_select(0, slot).view(rows, 27, cap) + off[:, :, 2:3]
+        dx = xs[0].index_select(0, slot).view(rows, h, cap) + off[:, :, 0:1]
+        dy = xs[1].index_select(0, slot).view(rows, h, cap) + off[:, :, 1:2]
+        dz = xs[2].index_select(0, slot).view(rows, h, cap) + off[:, :, 2:3]
         r2 = torch.addcmul(torch.addcmul(dx * dx, dy, dy), dz, dz).view(rows, m)
-        keep = filled & (j > i.unsqueeze(1)) & (r2 < r2_select)
+        # In the own cell (the first cap columns) each pair is seen from both ends: keep j > i. In the other
+        # 13 cells j != i always, and the pair is seen from this side only.
+        other_cell = torch.arange(m, device=dev) >= cap
+        keep = filled & ((j > i.unsqueeze(1)) | other_cell) & (r2 < r2_select)
         return j, keep
 
     def _select_radius2(self, dtype: torch.dtype) -> float:
@@ -286,7 +297,7 @@ class CellList(torch.nn.Module):
             cap = max(1, int(counts.max()))
             order_ext, xs = self._sorted(xw, order, cap)
             shift_cart = torch.matmul(self.nbr_shift.to(pos.dtype), box)
-            rows = max(1, self.chunk_candidates // (27 * cap))
+            rows = max(1, self.chunk_candidates // (_HALF_SHELL * cap))
             out: List[Tensor] = []
             for r0 in range(0, self.n_particles, rows):
                 m = min(rows, self.n_particles - r0)
@@ -302,12 +313,12 @@ class CellList(torch.nn.Module):
         dev = positions.device
         dt = positions.dtype
         box = box.to(dt)
-        # Selection (which pairs) on detached tensors: no autograd graph over the n x 27 x cap candidates.
+        # Selection (which pairs) on detached tensors: no autograd graph over the n x 14 x cap candidates.
         pos0 = positions.detach()
         box0 = box.detach()
         s, xw, cell, order, counts, start = self._bin(pos0, box0)
         order_ext, xs = self._sorted(xw, order, cap)
-        shift_cart = torch.matmul(self.nbr_shift.to(dt), box0)  # (n_cells, 27, 3)
+        shift_cart = torch.matmul(self.nbr_shift.to(dt), box0)  # (n_cells, 14, 3)
         r2_select = self._select_radius2(dt)
         j_rows: List[Tensor] = []
         n_rows: List[Tensor] = []
@@ -334,10 +345,13 @@ class CellList(torch.nn.Module):
         self.overflow.copy_(torch.maximum(self.overflow, flag.to(torch.int64).reshape(1).to(self.overflow.device)))
 
         real = jj < n
-        ii = torch.arange(n, device=dev).unsqueeze(1).expand(n, nmax)
-        zero = torch.zeros_like(jj)
-        ii = torch.where(real, ii, zero).reshape(-1)
-        jj = torch.where(real, jj, zero).reshape(-1)
+        row = torch.arange(n, device=dev).unsqueeze(1).expand(n, nmax)
+        # Real pairs as (min, max); a padded slot of row k is (k, k): its zero gradients then scatter over all
+        # particles in the backward pass instead of piling atomic adds onto particle 0 (on a GPU, millions of
+        # adds to one address serialise).
+        partner = torch.where(real, jj, row)
+        ii = torch.minimum(row, partner).reshape(-1)
+        jj = torch.maximum(row, partner).reshape(-1)
         real = real.reshape(-1, 1)
         # Displacements recomputed from the (differentiable) inputs: d = r_j - r_i - shift @ box, with the
         # integer lattice shift from rounding the fractional difference (exact minimum image below the

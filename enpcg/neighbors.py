@@ -5,7 +5,7 @@ Units: positions and box in nm (box vectors are the rows of a (3, 3) tensor in O
 A :class:`PairList` is a TorchScript module that a model calls in ``batch_energy``. It returns, for a batch
 of frames, the frame index, the two beads and the minimum-image vector r_j - r_i of every candidate pair,
 differentiable with respect to the positions. Candidates include every non-excluded pair closer than the
-cutoff; they may include farther pairs and padded slots (i = j = 0, a constant vector of length 2 cutoff),
+cutoff; they may include farther pairs and padded slots (i = j, a constant vector of length 2 cutoff),
 so a model must give zero energy for r >= cutoff (every pair energy of this project does).
 
 Methods (config value ``pair_list``):
@@ -92,6 +92,14 @@ def resolve_method(method: str, n_beads: int, device: str = "cpu") -> str:
     return "dense" if device != "cpu" and n_beads <= DENSE_MAX_BEADS else "vesin"
 
 
+def frame_sum(values: Tensor, frame: Tensor, n_frames: int) -> Tensor:
+    """Per-frame sums (n_frames,) of per-pair values (P,) with frame indices (P,), accumulated in float64 and
+    returned in the values' dtype. One frame (every MD step) is a plain reduction: an ``index_add`` would pile
+    all P atomic adds onto one address, which a GPU serialises."""
+    if n_frames == 1:
+        return values.to(torch.float64).sum().reshape(1).to(values.dtype)
+    out = torch.zeros(n_frames, dtype=torch.float64, device=values.device)
+    return out.index_add(0, frame, values.to(torch.float64)).to(values.dtype)
 
 
 def pair_keys(i: Tensor, j: Tensor, n: int) -> Tensor:

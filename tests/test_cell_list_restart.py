@@ -182,10 +182,10 @@ def test_run_without_checkpoints_starts_over(tmp_path, reference):
 
 
 def test_enpcg_simulate_restarts_and_resumes_with_recorded_capacities(tmp_path):
-    """`enpcg simulate` of a model saved with max_neighbors 13 (the PDB start fits; the minimiser passes through
-    a structure that does not, so the energy is NaN at step 0 although the minimised structure fits again; a
-    new Context gives it a finite energy, so the NaN was the flag): every capacity is doubled (cell_capacity
-    15 -> 30, max_neighbors 13 -> 26) and the run starts over. Killed (SIGKILL, ENPCG_KILL_AT=simulate:20) after the
+    """`enpcg simulate` of a model saved with max_neighbors 13 (the PDB start fits; the minimised structure holds
+    a bead with more than 13 pairs in its half-shell row, so the energy is NaN at step 0): the eager model finds
+    the row overflow on that state, max_neighbors is doubled (13 -> 26; cell_capacity stays 15) and the run
+    starts over. Killed (SIGKILL, ENPCG_KILL_AT=simulate:20) after the
     checkpoint at step 200 and rerun, it resumes there with the capacities recorded in run.json (no second
     restart) and ends bitwise equal to the uninterrupted command."""
     from enpcg.cli import main
@@ -205,14 +205,14 @@ def test_enpcg_simulate_restarts_and_resumes_with_recorded_capacities(tmp_path):
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert "max_neighbors 13 -> 26" in killed.stdout and "restarting from step 0" in killed.stdout, killed.stdout
     stored = json.loads((tmp_path / "sim" / RUN_JSON).read_text())
-    assert not stored["complete"] and stored["cell_lists"] == [{"cell_capacity": 30, "max_neighbors": 26}]
+    assert not stored["complete"] and stored["cell_lists"] == [{"cell_capacity": 15, "max_neighbors": 26}]
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         assert main(argv + ["--out", str(tmp_path / "sim")]) == 0
         assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
     out = buf.getvalue()
-    assert "resuming with the cell-list capacities recorded in run.json (cell list 0: cell_capacity 15 -> 30, " \
+    assert "resuming with the cell-list capacities recorded in run.json (cell list 0: cell_capacity 15 -> 15, " \
            "max_neighbors 13 -> 26)" in out, out
     assert "resumed_from_step: 200" in out
     stored = json.loads((tmp_path / "sim" / RUN_JSON).read_text())

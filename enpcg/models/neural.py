@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import EnpcgError
-from ..neighbors import PairList, lookup, pair_keys, parse_pair_list
+from ..neighbors import PairList, frame_sum, lookup, pair_keys, parse_pair_list
 from .base import CGModel, register_model
 from .radial import bessel_basis, polynomial_envelope
 
@@ -200,7 +200,7 @@ class NeuralModel(CGModel):
                 amp = torch.where(pair_class == 0, amp, torch.zeros_like(amp))
                 e_pair = e_pair + (amp * torch.pow(0.5 * self.cutoff / r, 12.0)).unsqueeze(-1)
             e_pair = e_pair * env
-            energy = energy.index_add(0, frame, e_pair.squeeze(-1))
+            energy = energy + frame_sum(e_pair.squeeze(-1), frame, n_frames)
         if self.n_layers > 0:
             w_all = self.filter_out(h) * env
             src = torch.cat([jj, ii])

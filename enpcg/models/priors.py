@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import EnpcgError
 from ..geometry import bond_angles, bond_lengths, dihedral_angles
-from ..neighbors import PairList, parse_pair_list
+from ..neighbors import PairList, frame_sum, parse_pair_list
 from .base import CGModel, register_model
 
 
@@ -162,7 +162,8 @@ class PriorModel(CGModel):
             # Keep r away from zero outside the cutoff so the masked branch has a finite gradient.
             r_safe = torch.where(inside, r, torch.full_like(r, self.cutoff))
             ep = eps * ((sig / r_safe) ** 12 - (sig / self.cutoff) ** 12)
-            e = self.pair_list.poison(e.index_add(0, frame, torch.where(inside, ep, torch.zeros_like(ep))))
+            e = self.pair_list.poison(e + frame_sum(torch.where(inside, ep, torch.zeros_like(ep)), frame,
+                                                     positions.shape[0]))
         return e
 
     # ----------------------------------------------------------------- native export

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..errors import EnpcgError
 from ..geometry import bond_angles, bond_lengths, dihedral_angles
-from ..neighbors import PairList, parse_pair_list
+from ..neighbors import PairList, frame_sum, parse_pair_list
 from .base import CGModel, register_model
 from .tables import TableSet, continuous_function, evaluate_tables
 
@@ -159,7 +159,8 @@ class SplineModel(CGModel):
             table = self.pair_type_matrix[self.types[i], self.types[j]]
             u = evaluate_tables(r.unsqueeze(0), table, self.pairs_values, self.pairs_d2, self.pairs_min,
                                 self.pairs_spacing, self.pairs_npoints, False)[0]
-            e = self.pair_list.poison(e.index_add(0, frame, torch.where(r < self.cutoff, u, torch.zeros_like(u))))
+            e = self.pair_list.poison(e + frame_sum(torch.where(r < self.cutoff, u, torch.zeros_like(u)), frame,
+                                                     positions.shape[0]))
         if self.bonds.shape[0] > 0:
             r = bond_lengths(positions, self.bonds, box)
             e = e + evaluate_tables(r, self.bonds_table, self.bonds_values, self.bonds_d2, self.bonds_min,
