@@ -9,6 +9,7 @@
 # Without a GPU it dry-runs the same code paths on the CPU platform (1k beads, short timings) and says that
 # the GPU rows are pending.
 #   bash bench/gpu_perf.sh            # LIMIT=480 (seconds for run_bench), PY=python3
+#   SIZES=8k,64k,256k ROWS=native,graphs,empty EXTRA=--skip-fit PROFILE=1 LIMIT=200 bash bench/gpu_perf.sh
 set -u
 OUT=${OUT:-out}
 PY=${PY:-python3}
@@ -60,6 +61,13 @@ print(f"cell list on CUDA: equals vesin {same}; captured in a CUDA graph and rep
       f"vesin {replayed == close(vesin)}; overflow {cells.overflowed()}", flush=True)
 PY
 DYN=out/demo/dynamics/dynamics.json  # `enpcg calibrate --mode time_scale` of the demo's spline model, if carried
-timeout "${LIMIT:-480}" "$PY" bench/run_bench.py --platform CUDA --seconds 1 --json "$OUT"/bench_cuda.json \
+# TorchForce rows in float32 (as OpenMM users run CG models on GPUs); SIZES, ROWS (substrings of row names),
+# EXTRA (more run_bench flags, e.g. --skip-fit) narrow a short rerun.
+timeout "${LIMIT:-480}" "$PY" bench/run_bench.py --platform CUDA --seconds 1 --dtype float32 \
+    --json "$OUT"/bench_cuda.json ${SIZES:+--sizes $SIZES} ${ROWS:+--rows $ROWS} ${EXTRA:-} \
     $([ -f $DYN ] && echo --dynamics $DYN) 2>&1 \
     | grep -v -i "warning" | tee "$OUT"/bench_cuda.log
+# PROFILE=1: where a graph-safe TorchForce step's GPU time goes (torch profiler, 64k beads)
+if [ "${PROFILE:-0}" = 1 ]; then
+    timeout 90 "$PY" bench/gpu_profile.py 64k 2>&1 | grep -v -i "warn" | tee "$OUT"/profile.log
+fi

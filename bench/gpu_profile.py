@@ -28,7 +28,7 @@ def sync():
 for size in sys.argv[1:] or ["64k"]:
     top, pos, box = rb.replicate(spline.topology, last.positions[0], last.box[0], rb.SHAPES[size])
     for name, m in (("spline", spline), ("neural", neural)):
-        model = graph_safe_model(rb.rebuild(m, top), box)
+        model = graph_safe_model(rb.rebuild(m, top), box, pos)
         mod = torch.jit.freeze(script_model(model, dtype="float32").to(DEV).eval())  # as openmm-torch runs it
         x = torch.tensor(pos, dtype=torch.float32, device=DEV)
         b = torch.tensor(box, dtype=torch.float32, device=DEV)

@@ -258,7 +258,8 @@ def main(argv=None):
     big = None
     if gpu_rows:
         ms_graphs = guarded("ms_cg_neural_graphs", lambda: time_steps(
-            make_system(export_forces(neural, "mixed", cuda_graphs=True, box=last.box[0], dtype=args.dtype),
+            make_system(export_forces(neural, "mixed", cuda_graphs=True, box=last.box[0], positions=last.positions[0],
+                                      dtype=args.dtype),
                         neural.topology.masses, last.box[0]),
             last.positions[0], NEURAL_TIMESTEP_PS, args.platform, args.seconds))
         ms_cg_neural = float(np.nanmin([ms_cg_neural, ms_graphs]))
@@ -308,12 +309,14 @@ def main(argv=None):
                  ("TorchForce neural", lambda: export_forces(nn, "torch", dtype=dt)),
                  ("TorchForce empty", lambda: export_forces(zero, "torch", dtype=dt))]
         if gpu_rows:
-            cases += [(f"{name}, CUDA graphs", lambda m=m: export_forces(m, "torch", cuda_graphs=True, box=box, dtype=dt))
+            # graph-safe exports size their cell lists on the starting positions (export_forces(positions=...))
+            cases += [(f"{name}, CUDA graphs", lambda m=m: export_forces(m, "torch", cuda_graphs=True, box=box,
+                                                                         positions=pos, dtype=dt))
                       for name, m in (("TorchForce spline", s), ("TorchForce neural", nn), ("TorchForce empty", zero))]
             # the neural model as the demo runs it: priors native, network as one TorchForce
             cases += [("mixed neural", lambda: export_forces(nn, "mixed", dtype=dt)),
                       ("mixed neural, CUDA graphs", lambda: export_forces(nn, "mixed", cuda_graphs=True, box=box,
-                                                                         dtype=dt))]
+                                                                         positions=pos, dtype=dt))]
         if k == 0 and hasattr(openmm, "PythonForce"):
             cases += [("PythonForce neural", lambda: export_forces(nn, "python", dtype=dt))]
         if args.rows:

@@ -14,14 +14,18 @@ kernels on the same memory, so the search must
 Method: fractional coordinates s = r inverse(box), wrapped into [0, 1), are binned into n_x n_y n_z cells,
 n_k = floor(perpendicular box width_k / cutoff) fixed from a reference box. Particles are sorted by cell
 (``argsort``), cell counts come from ``index_add_`` and start offsets from ``cumsum``, so the particles of a
-cell are a contiguous range of the sorted order. Each particle scans a half shell of neighbour cells, its own
-cell and the 13 cells of positive offset (the other 13 see it from their side), up to ``cell_capacity`` slots
-each: every pair of neighbouring cells is scanned once, so half the candidates of a 27-cell scan. It keeps the
-candidates within the cutoff (in its own cell those of higher index only), and compacts them, in candidate
-order, into ``max_neighbors`` slots by a cumulative sum and a ``scatter_`` whose overflowing entries land in a
-discarded extra column. Each kept pair is returned as (min, max) of its two indices. What does not fit (a cell with more than ``cell_capacity`` particles, a particle
-with more than ``max_neighbors`` partners, a box shrunk so that a cell is narrower than the cutoff) sets
-the persistent ``overflow`` buffer instead of changing a shape: the caller checks it at report time (for
+cell are a contiguous range of the sorted order. Particles are taken in that (cell) order, so that
+neighbouring rows read the same cells. Each scans a half shell of neighbour cells, its own cell and the 13
+cells of positive offset (the other 13 see it from their side), up to ``cell_capacity`` slots each: every
+pair of neighbouring cells is scanned once, half the candidates of a 27-cell scan. It keeps the candidates
+within the cutoff (in its own cell those of higher index only); they are compacted, in candidate order, into
+one flat list of n x ``max_neighbors`` slots by a running cumulative sum and a ``scatter_`` whose
+non-partners and overflowing entries land in a discarded region. Each kept pair is returned as (min, max) of
+its two indices. A flat list sized on the total (an extensive number, which fluctuates little) holds far
+fewer padded slots than per-particle rows sized on the fullest row: for the demo melt at 1.2 nm, 39 slots
+per bead against about 27 real pairs, where rows needed 101. What does not fit (a cell with more than
+``cell_capacity`` particles, more pairs than slots, a box shrunk so that a cell is narrower than the cutoff)
+sets the persistent ``overflow`` buffer instead of changing a shape: the caller checks it at report time (for
 example ``cell_list.overflowed()``) and, when set, rebuilds the model with ``cell_list.grown()`` (doubled
 capacities) and restarts from the last good state (``openmm_plugin.simulate.run_simulation`` does this by
 itself when given ``cell_lists``).
@@ -48,6 +52,8 @@ _SKIN_FLOAT32 = 1e-4
 # Tolerance of the "cell narrower than the cutoff" test, so that a box whose width is exactly n_k cutoffs
 # (and the float32 copy of a float64 box) does not raise a false overflow.
 _WIDTH_RTOL = 1e-6
+# Entries after the last pair slot that absorb the writes of non-partners (spread, not one address).
+_DISCARD = 4096  # a power of 2 (a bitwise and picks the entry)
 # Neighbour cells each particle scans: its own and the 13 of positive offset (a half shell).
 _HALF_SHELL = 14
 # Default cap on candidates (particles x 14 x cell_capacity) processed at once: bounds peak memory
@@ -108,23 +114,22 @@ class CellList(torch.nn.Module):
     n_particles : int. cutoff : float, nm. box : (3, 3) reference box (numpy or tensor, nm, rows, reduced
     form): fixes the cell grid n_k = floor(perpendicular width_k / cutoff), which must be >= 3 in every
     dimension. positions : optional (n, 3) reference positions (nm) from which the capacities are derived.
-    cell_capacity : max particles per cell; max_neighbors : max pairs in one particle's row (its partners
-    in the 13 forward cells of its half shell and those of higher index in its own cell). 0 derives
-    them: the maximum observed in ``positions`` x ``headroom``, rounded up, or without positions a safety
-    factor on the mean density (3 x the mean cell occupancy; 1.5 x the mean number of particles within the
-    cutoff, which bounds a row), each with a Poisson margin for sparse systems. chunk_candidates : candidates processed at once (memory bound only; outputs do not depend on it).
+    cell_capacity : max particles per cell; max_neighbors : pair slots per particle, on average (the list
+    holds n x max_neighbors pairs in all). 0 derives them: from ``positions``, the fullest cell x ``headroom``
+    and the mean pairs per particle x (1 + (headroom - 1) / 2), rounded up; without positions from the mean
+    density (3 x the mean cell occupancy with a Poisson margin; 1.3 x the ideal-gas pairs per particle plus a
+    margin). chunk_candidates : candidates processed at once (memory bound only; outputs do not depend on it).
 
     ``forward(positions (n, 3), box (3, 3)) -> (i, j, d)``: i, j (P,) int64 and d (P, 3) nm with
-    P = n * max_neighbors, row k of the list (the pairs particle k found) at [k * max_neighbors, (k + 1) *
-    max_neighbors), each pair as i = min, j = max of its indices. d is the minimum-image r_j - r_i,
-    differentiable w.r.t. positions and box. A padded slot of row k has i = j = k and d = (2 cutoff, 0, 0)
-    without gradient, so a pair energy that vanishes beyond the cutoff gives zero for
-    them. Real entries include every pair closer than the cutoff and possibly a few pairs within a rounding
-    margin beyond it: callers mask by r < cutoff.
+    P = n * max_neighbors: the pairs found first (particle by particle, in candidate order), then padding,
+    each pair as i = min, j = max of its indices. d is the minimum-image r_j - r_i, differentiable w.r.t.
+    positions and box. Padded slot s has i = j = s mod n and d = (2 cutoff, 0, 0) without gradient, so a
+    pair energy that vanishes beyond the cutoff gives zero for them. Real entries include every pair closer
+    than the cutoff and possibly a few pairs within a rounding margin beyond it: callers mask by r < cutoff.
 
     ``overflow`` (int64 buffer (1,)) is set to 1, never reset, by a forward call that lost pairs or could
-    have: a cell holding more than ``cell_capacity`` particles, a particle with more than ``max_neighbors``
-    partners, or a box shrunk so that a cell is narrower than the cutoff. Check it at report time with
+    have: a cell holding more than ``cell_capacity`` particles, more than n x ``max_neighbors`` pairs, or a
+    box shrunk so that a cell is narrower than the cutoff. Check it at report time with
     :meth:`overflowed`; rebuild with :meth:`grown` (doubled capacities) and restart from the last good state;
     :meth:`reset_overflow` clears it.
     """
@@ -206,17 +211,21 @@ class CellList(torch.nn.Module):
         if int(max_neighbors) > 0:
             nb = int(max_neighbors)
         elif ref_pos is not None:
-            nb = int(math.ceil(int(self._partner_counts(ref_pos, ref_box_t).max()) * self.headroom))
+            # half the headroom on a total, which fluctuates far less than the fullest cell
+            nb = int(math.ceil(int(self._partner_counts(ref_pos, ref_box_t).sum()) / n
+                               * (1.0 + 0.5 * (self.headroom - 1.0))))
         else:
             volume = abs(float(np.linalg.det(ref_box)))
-            expected = 4.0 / 3.0 * math.pi * cutoff ** 3 * n / volume
-            # 1.5 x (expected / 2) x 2: the lowest indices have all their partners at j > i.
-            nb = int(math.ceil(max(1.5 * expected, expected + 5.0 * math.sqrt(expected) + 5.0)))
+            half = 0.5 * 4.0 / 3.0 * math.pi * cutoff ** 3 * n / volume  # pairs per particle, ideal gas
+            # The total is extensive: 30 % above the ideal gas (denser regions, a barostat's compression),
+            # plus a Poisson margin on the total for small systems.
+            nb = int(math.ceil(1.3 * half + 5.0 * math.sqrt(half / n) + 1.0))
         self.max_neighbors = max(1, min(nb, n - 1))
 
         # Fixed chunks of particle rows so that rows x 14 x capacity stays under chunk_candidates.
         rows = max(1, self.chunk_candidates // (_HALF_SHELL * self.cell_capacity))
         self.chunk_starts = list(range(0, n, rows))
+        self.discard = _DISCARD
         self.chunk_sizes = [min(rows, n - s) for s in self.chunk_starts]
 
     def extra_repr(self) -> str:
@@ -256,34 +265,37 @@ class CellList(torch.nn.Module):
         xs = torch.cat([xw.index_select(0, order), torch.zeros((cap, 3), dtype=xw.dtype, device=xw.device)])
         return order_ext, xs.t().contiguous()
 
-    def _candidates(self, xs: Tensor, order_ext: Tensor, xw: Tensor, cell: Tensor, counts: Tensor,
-                    start: Tensor, shift_cart: Tensor, row0: int, rows: int, cap: int,
+    def _candidates(self, xs: Tensor, order: Tensor, order_ext: Tensor, xw: Tensor, cell: Tensor,
+                    counts: Tensor, start: Tensor, shift_cart: Tensor, row0: int, rows: int, cap: int,
                     r2_select: float) -> Tuple[Tensor, Tensor]:
-        """Candidates of particle rows [row0, row0 + rows): j (rows, 14 cap) and whether each is a partner
-        (filled slot, within the selection radius, and j > i in the particle's own cell)."""
+        """Candidates of rows [row0, row0 + rows) of the cell-sorted order (so that neighbouring rows scan
+        the same cells, which keeps the reads local): (slot (rows, 14 cap) int64, the sorted position of each
+        candidate partner; keep (rows, 14 cap) bool, whether it is a partner: a filled slot, within the
+        selection radius, and of higher index than the row's particle when in its own cell)."""
         dev = xw.device
         h = self.nbr_cells.shape[1]  # 14 (a module global is not visible to TorchScript)
         m = h * cap
-        ci = cell.narrow(0, row0, rows)
+        pid = order.narrow(0, row0, rows)  # the rows' particles
+        ci = cell.index_select(0, pid)
         nb = self.nbr_cells.index_select(0, ci).reshape(-1)  # (rows * 14,)
         st = start.index_select(0, nb).view(rows, h, 1)
         ct = counts.index_select(0, nb).view(rows, h, 1)
         k = torch.arange(cap, device=dev)
-        filled = (k < ct).view(rows, m)  # slots past a cell's count are empty (they read a dummy entry)
-        slot = (st + k).reshape(-1)
-        j = order_ext.index_select(0, slot).view(rows, m)
-        i = torch.arange(row0, row0 + rows, device=dev)
+        filled = k < ct  # slots past a cell's count are empty (they read a dummy entry)
+        slot = st + k  # (rows, 14, cap)
+        flat = slot.reshape(-1)
         # Image of each neighbour cell adjacent to the home cell, minus the home particle: (rows, 14, 3).
-        off = shift_cart.index_select(0, ci) - xw.narrow(0, row0, rows).unsqueeze(1)
-        dx = xs[0].index_select(0, slot).view(rows, h, cap) + off[:, :, 0:1]
-        dy = xs[1].index_select(0, slot).view(rows, h, cap) + off[:, :, 1:2]
-        dz = xs[2].index_select(0, slot).view(rows, h, cap) + off[:, :, 2:3]
-        r2 = torch.addcmul(torch.addcmul(dx * dx, dy, dy), dz, dz).view(rows, m)
-        # In the own cell (the first cap columns) each pair is seen from both ends: keep j > i. In the other
-        # 13 cells j != i always, and the pair is seen from this side only.
-        other_cell = torch.arange(m, device=dev) >= cap
-        keep = filled & ((j > i.unsqueeze(1)) | other_cell) & (r2 < r2_select)
-        return j, keep
+        off = shift_cart.index_select(0, ci) - xw.index_select(0, pid).unsqueeze(1)
+        dx = xs[0].index_select(0, flat).view(rows, h, cap) + off[:, :, 0:1]
+        dy = xs[1].index_select(0, flat).view(rows, h, cap) + off[:, :, 1:2]
+        dz = xs[2].index_select(0, flat).view(rows, h, cap) + off[:, :, 2:3]
+        r2 = torch.addcmul(torch.addcmul(dx * dx, dy, dy), dz, dz)
+        keep = filled & (r2 < r2_select)
+        # In the own cell (column 0 of the half shell) each pair is seen from both ends: keep j > i there. In
+        # the other 13 cells the pair is seen from this side only (and j != i).
+        j_own = order_ext.index_select(0, slot[:, 0, :].reshape(-1)).view(rows, cap)
+        keep[:, 0, :] = keep[:, 0, :] & (j_own > pid.unsqueeze(1))
+        return slot.view(rows, m), keep.view(rows, m)
 
     def _select_radius2(self, dtype: torch.dtype) -> float:
         if dtype == torch.float64:
@@ -291,7 +303,8 @@ class CellList(torch.nn.Module):
         return self.r2_select_f32
 
     def _partner_counts(self, pos: Tensor, box: Tensor) -> Tensor:
-        """Partners j > i of each particle within the selection radius (eager, construction only)."""
+        """Pairs found in each row (a particle's half shell; rows in cell order) within the selection radius
+        (eager)."""
         with torch.no_grad():
             s, xw, cell, order, counts, start = self._bin(pos, box)
             cap = max(1, int(counts.max()))
@@ -301,7 +314,7 @@ class CellList(torch.nn.Module):
             out: List[Tensor] = []
             for r0 in range(0, self.n_particles, rows):
                 m = min(rows, self.n_particles - r0)
-                out.append(self._candidates(xs, order_ext, xw, cell, counts, start, shift_cart, r0, m, cap,
+                out.append(self._candidates(xs, order, order_ext, xw, cell, counts, start, shift_cart, r0, m, cap,
                                             self._select_radius2(pos.dtype))[1].sum(1))
             return torch.cat(out)
 
@@ -320,38 +333,50 @@ class CellList(torch.nn.Module):
         order_ext, xs = self._sorted(xw, order, cap)
         shift_cart = torch.matmul(self.nbr_shift.to(dt), box0)  # (n_cells, 14, 3)
         r2_select = self._select_radius2(dt)
-        j_rows: List[Tensor] = []
-        n_rows: List[Tensor] = []
+        slots = n * nmax
+        # Compaction into one flat list of ``slots`` pairs: the k-th partner found (in candidate order, chunk
+        # after chunk) goes to slot k, by a running cumulative sum kept on the device. Non-partners and
+        # partners past the last slot go to a discard region after it, spread over its entries so that
+        # the writes do not all hit one address (fixed shape, no boolean indexing, no host synchronisation).
+        # One int64 per pair: row * stride + sorted position of the partner (decoded after the loop), so a
+        # single scatter per chunk moves both ends.
+        stride = n + cap
+        code = torch.full((slots + self.discard,), -1, dtype=torch.int64, device=dev)
+        found = torch.zeros(1, dtype=torch.int64, device=dev)
         for c in range(len(self.chunk_starts)):
             row0 = self.chunk_starts[c]
             rows = self.chunk_sizes[c]
-            j, keep = self._candidates(xs, order_ext, xw, cell, counts, start, shift_cart, row0, rows, cap,
-                                       r2_select)
+            slot, keep = self._candidates(xs, order, order_ext, xw, cell, counts, start, shift_cart, row0, rows,
+                                          cap, r2_select)
+            keep = keep.reshape(-1)
             keep_l = keep.to(torch.int64)
-            n_rows.append(keep_l.sum(1))
-            # Compaction: partner number m goes to column m; non-partners and partners past max_neighbors
-            # go to the extra column nmax, which is discarded (fixed shape, no boolean indexing).
-            col = torch.cumsum(keep_l, 1) - 1
-            col = col.masked_fill(~(keep & (col < nmax)), nmax)
-            out = torch.full((rows, nmax + 1), n, dtype=torch.int64, device=dev)
-            out.scatter_(1, col, j)
-            j_rows.append(out.narrow(1, 0, nmax))
-        jj = torch.cat(j_rows)  # (n, nmax), n marks an empty slot
-        n_partners = torch.cat(n_rows)
+            dest = torch.cumsum(keep_l, 0) - 1 + found
+            # (the partner's sorted position varies from candidate to candidate: it spreads the discards)
+            discard = slots + torch.bitwise_and(slot.reshape(-1), self.discard - 1)
+            dest = torch.where(keep & (dest < slots), dest, discard)
+            rows_code = torch.arange(row0, row0 + rows, device=dev).unsqueeze(1) * stride
+            code.scatter_(0, dest, (slot + rows_code).reshape(-1))
+            found = found + keep_l.sum()
 
         # Overflow: flag, never branch (a branch on a tensor would synchronise).
         too_narrow = perpendicular_widths(box0.to(torch.float64)) < self.min_widths
-        flag = (counts > cap).any() | (n_partners > nmax).any() | too_narrow.any()
+        flag = (counts > cap).any() | (found > slots).any() | too_narrow.any()
         self.overflow.copy_(torch.maximum(self.overflow, flag.to(torch.int64).reshape(1).to(self.overflow.device)))
 
-        real = jj < n
-        row = torch.arange(n, device=dev).unsqueeze(1).expand(n, nmax)
-        # Real pairs as (min, max); a padded slot of row k is (k, k): its zero gradients then scatter over all
-        # particles in the backward pass instead of piling atomic adds onto particle 0 (on a GPU, millions of
-        # adds to one address serialise).
-        partner = torch.where(real, jj, row)
-        ii = torch.minimum(row, partner).reshape(-1)
-        jj = torch.maximum(row, partner).reshape(-1)
+        code = code.narrow(0, 0, slots)
+        real = code >= 0
+        code = torch.clamp(code, min=0)
+        row = torch.div(code, stride, rounding_mode="floor")
+        pi = order.index_select(0, row)
+        pj = order_ext.index_select(0, code - row * stride)
+        # Real pairs as (min, max); padded slot s is (s mod n, s mod n): its zero gradients then scatter over
+        # all particles in the backward pass instead of piling atomic adds onto one (on a GPU, millions of adds
+        # to one address serialise).
+        spread = torch.remainder(torch.arange(slots, device=dev), n)
+        a = torch.where(real, pi, spread)
+        b = torch.where(real, pj, spread)
+        ii = torch.minimum(a, b)
+        jj = torch.maximum(a, b)
         real = real.reshape(-1, 1)
         # Displacements recomputed from the (differentiable) inputs: d = r_j - r_i - shift @ box, with the
         # integer lattice shift from rounding the fractional difference (exact minimum image below the
@@ -376,12 +401,13 @@ class CellList(torch.nn.Module):
 
     def needed(self, positions, box) -> Tuple[int, int]:
         """(cell_capacity, max_neighbors) that ``positions`` (n, 3) nm in ``box`` (3, 3) nm need: the particles
-        in the fullest cell and the most partners j > i of one particle (within the selection radius). Plain
+        in the fullest cell and the pairs (within the selection radius) per particle, rounded up. Plain
         Python (eager, a host synchronisation): for sizing a restart after an overflow, not for a step."""
         pos = torch.as_tensor(positions, device=self.overflow.device)
         b = torch.as_tensor(box, dtype=pos.dtype, device=pos.device)
         counts = self._bin(pos.detach(), b.detach())[4]
-        return int(counts.max()), int(self._partner_counts(pos.detach(), b.detach()).max())
+        total = int(self._partner_counts(pos.detach(), b.detach()).sum())
+        return int(counts.max()), -(-total // self.n_particles)
 
     def with_capacities(self, cell_capacity: int, max_neighbors: int) -> "CellList":
         """A new CellList of the same cutoff and cell grid with these capacities (clamped to 1..n and 1..n - 1),

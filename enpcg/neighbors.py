@@ -77,11 +77,20 @@ def perpendicular_widths(box) -> np.ndarray:
                               np.linalg.norm(np.cross(a, b))])
 
 
-def graph_safe_pair_list(box, cutoff: float) -> dict:
+def graph_safe_pair_list(box, cutoff: float, positions=None) -> dict:
     """A pair list CUDA graphs can capture: the fixed-shape cell list when ``box`` (3, 3) nm holds at least
-    3 cells of width >= ``cutoff`` per side, else the dense list without compaction."""
+    3 cells of width >= ``cutoff`` per side, else the dense list without compaction. With ``positions``
+    (n, 3) nm, the cell list's capacities are sized on them (the fullest cell and the pairs per particle,
+    x 1.5 and 1.25) instead of on the mean density: for a dense melt about 1.6x fewer candidates to scan."""
     if box is not None and np.all(perpendicular_widths(box) >= 3 * float(cutoff)):
-        return {"method": "cells", "box": np.asarray(box, dtype=np.float64).reshape(3, 3).tolist()}
+        spec = {"method": "cells", "box": np.asarray(box, dtype=np.float64).reshape(3, 3).tolist()}
+        if positions is not None:
+            from .cell_list import CellList
+
+            x = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+            sized = CellList(len(x), float(cutoff), spec["box"], positions=x)
+            spec.update(cell_capacity=sized.cell_capacity, max_neighbors=sized.max_neighbors)
+        return spec
     return {"method": "dense", "compact": False}
 
 

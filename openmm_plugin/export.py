@@ -147,10 +147,11 @@ def save_torchscript(model: CGModel, path, *, periodic: bool = True, dtype=None)
     return Path(path)
 
 
-def graph_safe_model(model: CGModel, box=None) -> CGModel:
+def graph_safe_model(model: CGModel, box=None, positions=None) -> CGModel:
     """A copy of ``model`` (same weights) whose pair lists CUDA graphs can capture: every ``pair_list`` in its
     config becomes :func:`enpcg.neighbors.graph_safe_pair_list` of ``box`` (3, 3) nm and the term's cutoff
-    (the fixed-shape cell list, or the dense list for boxes too small for 3 cells per side)."""
+    (the fixed-shape cell list, or the dense list for boxes too small for 3 cells per side); ``positions``
+    (n, 3) nm, if given, size the cell lists' capacities."""
     from enpcg.neighbors import graph_safe_pair_list
 
     def convert(cfg):
@@ -160,7 +161,7 @@ def graph_safe_model(model: CGModel, box=None) -> CGModel:
             return cfg
         out = {k: convert(v) for k, v in cfg.items()}
         if "pair_list" in cfg:
-            out["pair_list"] = graph_safe_pair_list(box, float(cfg.get("cutoff", 1.0)))
+            out["pair_list"] = graph_safe_pair_list(box, float(cfg.get("cutoff", 1.0)), positions)
         return out
 
     desc = model.describe()
@@ -172,10 +173,10 @@ def graph_safe_model(model: CGModel, box=None) -> CGModel:
     return new
 
 
-def _torch_forces(model: CGModel, *, periodic: bool, dtype, cuda_graphs: bool, box=None) -> list:
+def _torch_forces(model: CGModel, *, periodic: bool, dtype, cuda_graphs: bool, box=None, positions=None) -> list:
     openmmtorch = import_openmmtorch()
     if cuda_graphs:
-        model = graph_safe_model(model, box if periodic else None)
+        model = graph_safe_model(model, box if periodic else None, positions)
     force = openmmtorch.TorchForce(script_model(model, periodic=periodic, dtype=dtype))
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
     force.setOutputsForces(False)  # forces come from OpenMM-side autograd of the energy
@@ -307,14 +308,15 @@ def split_native(model: CGModel):
     return [f for fs in native for f in fs], remaining
 
 
-def _mixed_forces(model: CGModel, *, periodic: bool, dtype, cuda_graphs: bool, box=None) -> list:
+def _mixed_forces(model: CGModel, *, periodic: bool, dtype, cuda_graphs: bool, box=None, positions=None) -> list:
     native, remaining = split_native(model)
     if not periodic:
         for f in native:
             _make_nonperiodic(f)
     if remaining is None:
         return native
-    return native + _torch_forces(remaining, periodic=periodic, dtype=dtype, cuda_graphs=cuda_graphs, box=box)
+    return native + _torch_forces(remaining, periodic=periodic, dtype=dtype, cuda_graphs=cuda_graphs, box=box,
+                                  positions=positions)
 
 
 # ------------------------------------------------------------------------------------------------ front
@@ -322,7 +324,7 @@ BACKENDS = {"torch": _torch_forces, "python": _python_forces, "native": _native_
 
 
 def export_forces(model: CGModel, backend: str = "torch", *, periodic: bool = True, dtype=None,
-                  force_group: int = 0, cuda_graphs: bool = False, box=None) -> list:
+                  force_group: int = 0, cuda_graphs: bool = False, box=None, positions=None) -> list:
     """OpenMM forces computing ``model``'s energy (kJ/mol) and forces (kJ/mol/nm) from positions in nm.
 
     Parameters
@@ -348,6 +350,10 @@ def export_forces(model: CGModel, backend: str = "torch", *, periodic: bool = Tr
         The System's periodic box; with ``cuda_graphs`` it sizes the cell list (a box that changes later,
         e.g. under a barostat, is handled while cells stay at least a cutoff wide; the list's overflow flag
         says when they do not).
+    positions : (n, 3) array, nm, optional
+        With ``cuda_graphs``: a typical configuration (e.g. the starting one) on which the cell list's
+        capacities are sized (the fullest cell and the pairs per bead, x 1.5 and 1.25) instead of on the mean density;
+        fewer candidates and padded pairs per step. A later overflow is flagged as usual.
 
     Returns
     -------
@@ -362,7 +368,7 @@ def export_forces(model: CGModel, backend: str = "torch", *, periodic: bool = Tr
     if cuda_graphs and backend not in ("torch", "mixed"):
         raise EnpcgError(f"cuda_graphs=True applies to backend='torch' or 'mixed' only; you asked for "
                          f"backend={backend!r}")
-    kw = {"box": box} if backend in ("torch", "mixed") else {}
+    kw = {"box": box, "positions": positions} if backend in ("torch", "mixed") else {}
     forces = BACKENDS[backend](model, periodic=bool(periodic), dtype=dtype, cuda_graphs=bool(cuda_graphs), **kw)
     for f in forces:
         f.setForceGroup(int(force_group))

@@ -9,8 +9,8 @@ System: 12 chains of 5 beads (50 amu; `random_chains`, 60 beads) in a 2.7 nm cub
 (harmonic bonds and angles, r^-12 repulsion with sigma 0.35 nm cut at 0.85 nm: 3 x 3 x 3 cells) exported as a
 TorchForce whose pairs come from the fixed-capacity cell list (a "cells" pair list in its config). Langevin
 dynamics at 450 K, dt 5 fs, Reference platform: float64 and deterministic (a checkpoint holds the random
-state), so runs are compared bitwise. The start holds at most 7 beads per cell and needs 27 partners per bead
-(max_neighbors 27 derived); with cell_capacity 7 a crowded cell overflows after ~190 steps (measured: steps
+state), so runs are compared bitwise. The start holds at most 7 beads per cell and needs 5 pair slots per bead
+(max_neighbors 8 derived); with cell_capacity 7 a crowded cell overflows after ~190 steps (measured: steps
 188-245 hold 8 or more beads in one cell), with 14 never within 300 steps. Before an overflow both capacities
 give the same pairs in the same order, so the same trajectory bit for bit. Units: nm, ps, K, kJ/mol.
 """
@@ -109,20 +109,20 @@ def reference(tmp_path_factory):
     """cell_capacity 14 from the start: never overflows in these 300 steps."""
     res, out = simulate(tmp_path_factory.mktemp("ref"), {"cell_capacity": 14})
     assert res["cell_list_restarts"] == [] and "overflowed" not in out
-    assert res["cell_lists"] == [{"cell_capacity": 14, "max_neighbors": 27}]
+    assert res["cell_lists"] == [{"cell_capacity": 14, "max_neighbors": 8}]
     return res
 
 
 def test_overflow_restarts_from_the_last_checkpoint_with_doubled_capacity(tmp_path, reference):
     """cell_capacity 7: the overflow stops the run at a report (measured: step 190, the eager model overflows on
-    that very state); the runner doubles cell_capacity to 14 (max_neighbors stays 27), cuts the outputs back to
+    that very state); the runner doubles cell_capacity to 14 (max_neighbors stays 8), cuts the outputs back to
     the last checkpoint (step 150: frames 16-18 redone) and restarts from it. The finished run equals the run
     with cell_capacity 14 from the start bit for bit (30 DCD frames, log, final positions and velocities), so
     it equals a run with the sufficient capacity from that checkpoint too; run.json records the capacities."""
     res, out = simulate(tmp_path / "md", {"cell_capacity": 7})
     (r,) = res["cell_list_restarts"]
-    assert r["before"] == [{"cell_capacity": 7, "max_neighbors": 27}]
-    assert r["after"] == res["cell_lists"] == [{"cell_capacity": 14, "max_neighbors": 27}]
+    assert r["before"] == [{"cell_capacity": 7, "max_neighbors": 8}]
+    assert r["after"] == res["cell_lists"] == [{"cell_capacity": 14, "max_neighbors": 8}]
     assert r["step"] % 10 == 0 and r["restart_step"] == (r["step"] - 1) // 50 * 50 > 0, r
     assert (f"overflowed by step {r['step']}" in out and "cell_capacity 7 -> 14" in out
             and f"restarting from step {r['restart_step']}" in out), out
@@ -164,7 +164,7 @@ def test_transient_overflow_is_found_by_replaying_from_the_checkpoint(tmp_path, 
     res, out = simulate(tmp_path / "md", {"cell_capacity": 7}, report_interval=interval, checkpoint_interval=interval)
     (r,) = res["cell_list_restarts"]
     assert r["step"] == fail and r["restart_step"] == fail - interval, (r, a, b, interval)
-    assert r["after"] == [{"cell_capacity": 14, "max_neighbors": 27}]
+    assert r["after"] == [{"cell_capacity": 14, "max_neighbors": 8}]
     for x, y in zip(final_state(res["final_state"]), final_state(reference["final_state"])):
         assert np.array_equal(x, y)
     print(f"overflow window {a}-{b}, report interval {interval}, failure at {fail}, restart from {fail - interval}")
@@ -175,17 +175,16 @@ def test_run_without_checkpoints_starts_over(tmp_path, reference):
     the outputs equal the reference bit for bit."""
     res, out = simulate(tmp_path / "md", {"cell_capacity": 7}, checkpoint_interval=None)
     (r,) = res["cell_list_restarts"]
-    assert r["restart_step"] == 0 and r["after"] == [{"cell_capacity": 14, "max_neighbors": 27}]
+    assert r["restart_step"] == 0 and r["after"] == [{"cell_capacity": 14, "max_neighbors": 8}]
     assert "restarting from step 0" in out
     assert_same_run(res, reference)
     assert sorted(p.name for p in (tmp_path / "md").iterdir()) == ["final_state.xml", "log.csv", "trajectory.dcd"]
 
 
 def test_enpcg_simulate_restarts_and_resumes_with_recorded_capacities(tmp_path):
-    """`enpcg simulate` of a model saved with max_neighbors 13 (the PDB start fits; the minimised structure holds
-    a bead with more than 13 pairs in its half-shell row, so the energy is NaN at step 0): the eager model finds
-    the row overflow on that state, max_neighbors is doubled (13 -> 26; cell_capacity stays 15) and the run
-    starts over. Killed (SIGKILL, ENPCG_KILL_AT=simulate:20) after the
+    """`enpcg simulate` of a model saved with max_neighbors 4 (pair slots per bead; the start needs 5, so the
+    energy is NaN at step 0): the eager model finds the overflow on that state, max_neighbors is doubled
+    (4 -> 8; cell_capacity stays 15) and the run starts over. Killed (SIGKILL, ENPCG_KILL_AT=simulate:20) after the
     checkpoint at step 200 and rerun, it resumes there with the capacities recorded in run.json (no second
     restart) and ends bitwise equal to the uninterrupted command."""
     from enpcg.cli import main
@@ -193,7 +192,7 @@ def test_enpcg_simulate_restarts_and_resumes_with_recorded_capacities(tmp_path):
     from enpcg.models import save_model
 
     top, pos = melt()
-    save_model(priors(max_neighbors=13), tmp_path / "model")
+    save_model(priors(max_neighbors=4), tmp_path / "model")
     top.write_pdb(tmp_path / "cg.pdb", pos, BOX)
     argv = ["simulate", "--model", tmp_path / "model", "--pdb", tmp_path / "cg.pdb", "--time-ps", 1.5,
             "--timestep", 0.005, "--report-ps", 0.05, "--checkpoint-ps", 0.25, "--platform", "Reference",
@@ -203,9 +202,9 @@ def test_enpcg_simulate_restarts_and_resumes_with_recorded_capacities(tmp_path):
     killed = subprocess.run([sys.executable, "-m", "enpcg", *argv, "--out", str(tmp_path / "sim")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert "max_neighbors 13 -> 26" in killed.stdout and "restarting from step 0" in killed.stdout, killed.stdout
+    assert "max_neighbors 4 -> 8" in killed.stdout and "restarting from step 0" in killed.stdout, killed.stdout
     stored = json.loads((tmp_path / "sim" / RUN_JSON).read_text())
-    assert not stored["complete"] and stored["cell_lists"] == [{"cell_capacity": 15, "max_neighbors": 26}]
+    assert not stored["complete"] and stored["cell_lists"] == [{"cell_capacity": 15, "max_neighbors": 8}]
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
@@ -213,7 +212,7 @@ def test_enpcg_simulate_restarts_and_resumes_with_recorded_capacities(tmp_path):
         assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
     out = buf.getvalue()
     assert "resuming with the cell-list capacities recorded in run.json (cell list 0: cell_capacity 15 -> 15, " \
-           "max_neighbors 13 -> 26)" in out, out
+           "max_neighbors 4 -> 8)" in out, out
     assert "resumed_from_step: 200" in out
     stored = json.loads((tmp_path / "sim" / RUN_JSON).read_text())
     assert stored["complete"] and len(stored["cell_list_restarts"]) == 1
@@ -250,7 +249,7 @@ def test_nan_that_is_not_an_overflow_fails_as_before(tmp_path):
         if cells:
             stored = json.loads((tmp_path / "mid" / RUN_JSON).read_text())
             assert stored["cell_list_restarts"] == [] and stored["cell_lists"] == [
-                {"cell_capacity": 14, "max_neighbors": 27}]
+                {"cell_capacity": 14, "max_neighbors": 8}]
     assert messages[0] == messages[1]
     assert "potential energy is NaN" in messages[0] or "non-finite" in messages[0], messages[0]
     assert f"The last good checkpoint is {tmp_path / 'mid' / CHECKPOINT}" in messages[0], messages[0]
