@@ -69,5 +69,5 @@ timeout "${LIMIT:-480}" "$PY" bench/run_bench.py --platform CUDA --seconds 1 --d
     | grep -v -i "warning" | tee "$OUT"/bench_cuda.log
 # PROFILE=1: where a graph-safe TorchForce step's GPU time goes (torch profiler, 64k beads)
 if [ "${PROFILE:-0}" = 1 ]; then
-    timeout 90 "$PY" bench/gpu_profile.py 64k 2>&1 | grep -v -i "warn" | tee "$OUT"/profile.log
+    timeout ${PROFILE_LIMIT:-90} "$PY" bench/gpu_profile.py 64k 2>&1 | grep -v -i "warn" | tee "$OUT"/profile.log
 fi
