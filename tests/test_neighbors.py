@@ -147,6 +147,15 @@ def test_graph_safe_export_gives_the_same_forces(chains):
     ref = forces(export_forces(model, "native"))
     graph = forces(export_forces(model, "torch", cuda_graphs=True, box=box))
     assert rel(graph, ref) < 1e-9
+    # Capacities sized on a configuration (export_forces(positions=...)): no larger than the density-derived
+    # ones here, no overflow on that configuration, the same forces.
+    derived = graph_safe_model(model, box).pair_list.cells[0]
+    sized = graph_safe_model(model, box, x[0].numpy()).pair_list.cells[0]
+    assert sized.cell_capacity <= derived.cell_capacity and sized.max_neighbors <= derived.max_neighbors
+    need_cell, need_slots = sized.needed(x[0], b[0])
+    assert sized.cell_capacity >= need_cell and sized.max_neighbors >= need_slots
+    fitted = forces(export_forces(model, "torch", cuda_graphs=True, box=box, positions=x[0].numpy()))
+    assert rel(fitted, ref) < 1e-9
 
 
 def test_cell_list_overflow_poisons_the_energy(chains):
