@@ -10,6 +10,7 @@
 # the GPU rows are pending.
 #   bash bench/gpu_perf.sh            # LIMIT=480 (seconds for run_bench), PY=python3
 #   SIZES=8k,64k,256k ROWS=native,graphs,empty EXTRA=--skip-fit PROFILE=1 LIMIT=200 bash bench/gpu_perf.sh
+#   SIZES=256k ROWS=native,graphs,empty EXTRA="--skip-fit --skip-ns" LIMIT=150 bash bench/gpu_perf.sh
 set -u
 OUT=${OUT:-out}
 PY=${PY:-python3}

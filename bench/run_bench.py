@@ -205,6 +205,8 @@ def main(argv=None):
     p.add_argument("--rows", default=None, help="comma-separated substrings: time only the per-size rows whose "
                    "name contains one (e.g. 'native,graphs,empty'); default all")
     p.add_argument("--skip-fit", action="store_true", help="skip the fitting-throughput rows")
+    p.add_argument("--skip-ns", action="store_true", help="skip the per-simulated-nanosecond rows (for a short "
+                   "rerun of the per-size rows)")
     p.add_argument("--dry-run", action="store_true", help="run the GPU rows (CUDA graphs, mixed export) on this "
                    "platform, to check the GPU script's code paths without a GPU; their times mean nothing")
     args = p.parse_args(argv)
@@ -242,46 +244,49 @@ def main(argv=None):
         return value
 
     melt = default_melt()
-    ms_aa = guarded("ms_aa", lambda: time_steps(melt.system, melt.positions, 0.002, args.platform, args.seconds))
-    enp = load_model("systems/models/polyethylene_enp")
-    ms_enp = guarded("ms_enp", lambda: time_steps(
-        make_system(export_forces(enp, "torch", dtype="float32"), enp.topology.masses, melt.box),
-        melt.positions, 0.002, args.platform, args.seconds))
-    ms_cg_native = guarded("ms_cg_native", lambda: time_steps(
-        make_system(export_forces(spline, "native"), spline.topology.masses, last.box[0]),
-        last.positions[0], CG_TIMESTEP_PS, args.platform, args.seconds))
-    # "mixed": the priors as OpenMM's own forces, the network as one TorchForce (how the demo runs it); on a
-    # GPU with CUDA graphs as well (the faster of the two counts)
-    ms_cg_neural = guarded("ms_cg_neural", lambda: time_steps(
-        make_system(export_forces(neural, "mixed", dtype=args.dtype), neural.topology.masses, last.box[0]),
-        last.positions[0], NEURAL_TIMESTEP_PS, args.platform, args.seconds))
+    nan = float("nan")
+    ms_aa = ms_enp = ms_cg_native = ms_cg_neural = nan
     big = None
-    if gpu_rows:
-        ms_graphs = guarded("ms_cg_neural_graphs", lambda: time_steps(
-            make_system(export_forces(neural, "mixed", cuda_graphs=True, box=last.box[0], positions=last.positions[0],
-                                      dtype=args.dtype),
-                        neural.topology.masses, last.box[0]),
+    if not args.skip_ns:
+        ms_aa = guarded("ms_aa", lambda: time_steps(melt.system, melt.positions, 0.002, args.platform, args.seconds))
+        enp = load_model("systems/models/polyethylene_enp")
+        ms_enp = guarded("ms_enp", lambda: time_steps(
+            make_system(export_forces(enp, "torch", dtype="float32"), enp.topology.masses, melt.box),
+            melt.positions, 0.002, args.platform, args.seconds))
+        ms_cg_native = guarded("ms_cg_native", lambda: time_steps(
+            make_system(export_forces(spline, "native"), spline.topology.masses, last.box[0]),
+            last.positions[0], CG_TIMESTEP_PS, args.platform, args.seconds))
+        # "mixed": the priors as OpenMM's own forces, the network as one TorchForce (how the demo runs it); on a
+        # GPU with CUDA graphs as well (the faster of the two counts)
+        ms_cg_neural = guarded("ms_cg_neural", lambda: time_steps(
+            make_system(export_forces(neural, "mixed", dtype=args.dtype), neural.topology.masses, last.box[0]),
             last.positions[0], NEURAL_TIMESTEP_PS, args.platform, args.seconds))
-        ms_cg_neural = float(np.nanmin([ms_cg_neural, ms_graphs]))
-        # The same comparison at scale: at 252 beads a GPU step is launch-bound for both systems, so the CG
-        # speed-up there says little about large melts. Both melts replicated 8 x 8 x 4 (periodic images of
-        # the equilibrated cells): 64,512 CG beads against 258,048 united atoms.
-        from systems.polyethylene import create_system
+        if gpu_rows:
+            ms_graphs = guarded("ms_cg_neural_graphs", lambda: time_steps(
+                make_system(export_forces(neural, "mixed", cuda_graphs=True, box=last.box[0],
+                                          positions=last.positions[0], dtype=args.dtype),
+                            neural.topology.masses, last.box[0]),
+                last.positions[0], NEURAL_TIMESTEP_PS, args.platform, args.seconds))
+            ms_cg_neural = float(np.nanmin([ms_cg_neural, ms_graphs]))
+            # The same comparison at scale: at 252 beads a GPU step is launch-bound for both systems, so the CG
+            # speed-up there says little about large melts. Both melts replicated 8 x 8 x 4 (periodic images of
+            # the equilibrated cells): 64,512 CG beads against 258,048 united atoms.
+            from systems.polyethylene import create_system
 
-        shape = (1, 1, 1) if args.dry_run else SHAPES["64k"]
-        reps = shape[0] * shape[1] * shape[2]
-        ua_pos = np.concatenate([melt.positions + a * melt.box[0] + b * melt.box[1] + c * melt.box[2]
-                                 for a in range(shape[0]) for b in range(shape[1]) for c in range(shape[2])])
-        ua_box = melt.box * np.asarray(shape, dtype=float)[:, None]
-        n_chains = melt.topology.getNumChains()
-        ua_system, _ = create_system(n_chains * reps, melt.n_particles // n_chains, float(ua_box.max()))
-        ua_system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*v) for v in ua_box])
-        ms_aa_big = guarded("ms_aa_big", lambda: time_steps(ua_system, ua_pos, 0.002, args.platform, args.seconds))
-        top_b, pos_b, box_b = replicate(spline.topology, last.positions[0], last.box[0], shape)
-        ms_cg_big = guarded("ms_cg_native_big", lambda: time_steps(
-            make_system(export_forces(rebuild(spline, top_b), "native"), top_b.masses, box_b), pos_b, CG_TIMESTEP_PS,
-            args.platform, args.seconds))
-        big = (len(ua_pos), top_b.n_beads, ms_aa_big, ms_cg_big)
+            shape = (1, 1, 1) if args.dry_run else SHAPES["64k"]
+            reps = shape[0] * shape[1] * shape[2]
+            ua_pos = np.concatenate([melt.positions + a * melt.box[0] + b * melt.box[1] + c * melt.box[2]
+                                     for a in range(shape[0]) for b in range(shape[1]) for c in range(shape[2])])
+            ua_box = melt.box * np.asarray(shape, dtype=float)[:, None]
+            n_chains = melt.topology.getNumChains()
+            ua_system, _ = create_system(n_chains * reps, melt.n_particles // n_chains, float(ua_box.max()))
+            ua_system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*v) for v in ua_box])
+            ms_aa_big = guarded("ms_aa_big", lambda: time_steps(ua_system, ua_pos, 0.002, args.platform, args.seconds))
+            top_b, pos_b, box_b = replicate(spline.topology, last.positions[0], last.box[0], shape)
+            ms_cg_big = guarded("ms_cg_native_big", lambda: time_steps(
+                make_system(export_forces(rebuild(spline, top_b), "native"), top_b.masses, box_b), pos_b,
+                CG_TIMESTEP_PS, args.platform, args.seconds))
+            big = (len(ua_pos), top_b.n_beads, ms_aa_big, ms_cg_big)
     time_scale = None
     if args.dynamics:
         cal = json.loads(Path(args.dynamics).read_text())
