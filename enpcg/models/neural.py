@@ -66,10 +66,12 @@ class InteractionBlock(torch.nn.Module):
         self.f2out = torch.nn.Linear(hidden, hidden)
         self.out = torch.nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, w: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-        """x (N, hidden) bead states; w (E2, hidden) filters of directed edges src -> dst (E2,)."""
+    def forward(self, x: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """x (N, hidden) bead states; w (E, hidden) filters of the undirected edges a - b (E,), which carry a
+        message each way (two passes instead of concatenated directed copies: no (2E, hidden) copies)."""
         y = self.in2f(x)
-        return self.update(x, torch.zeros_like(y).index_add_(0, dst, w * y.index_select(0, src)))
+        msg = torch.zeros_like(y).index_add_(0, b, w * y.index_select(0, a))
+        return self.update(x, msg.index_add_(0, a, w * y.index_select(0, b)))
 
     def update(self, x: Tensor, msg: Tensor) -> Tensor:
         """Residual update of states x (N, hidden) from summed messages msg (N, hidden)."""
@@ -203,15 +205,13 @@ class NeuralModel(CGModel):
             energy = energy + frame_sum(e_pair.squeeze(-1), frame, n_frames)
         if self.n_layers > 0:
             w_all = self.filter_out(h) * env
-            src = torch.cat([jj, ii])
-            dst = torch.cat([ii, jj])
             x0 = self.type_embedding(self.types)  # (n, hidden)
             x = x0.repeat(n_frames, 1)  # (B * n, hidden)
             x_free = x0  # the same beads with no neighbours
             k = 0
             for block in self.blocks:
                 w = w_all[:, k * self.hidden:(k + 1) * self.hidden]
-                x = block(x, torch.cat([w, w]), src, dst)
+                x = block(x, w, ii, jj)
                 x_free = block.update(x_free, torch.zeros_like(x_free))
                 k += 1
             # Bead energies relative to isolated beads, so that separated beads have zero energy.
