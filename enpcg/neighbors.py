@@ -216,10 +216,13 @@ class PairList(torch.nn.Module):
             ii.append(i)
             jj.append(j)
             dd.append(d)
-        frame = torch.cat(frames)
-        i = torch.cat(ii)
-        j = torch.cat(jj)
-        d = torch.cat(dd)
+        if len(ii) == 1:  # one frame (every MD step): no copies
+            frame, i, j, d = frames[0], ii[0], jj[0], dd[0]
+        else:
+            frame = torch.cat(frames)
+            i = torch.cat(ii)
+            j = torch.cat(jj)
+            d = torch.cat(dd)
         if self.has_exclusions:
             # Excluded pairs become far pairs: zero energy, fixed shape.
             d = torch.where(self.is_excluded(i, j).unsqueeze(-1), self.far.to(d.dtype).expand_as(d), d)

@@ -204,14 +204,14 @@ class NeuralModel(CGModel):
             e_pair = e_pair * env
             energy = energy + frame_sum(e_pair.squeeze(-1), frame, n_frames)
         if self.n_layers > 0:
-            w_all = self.filter_out(h) * env
+            # split, not slices: a slice's backward zero-fills the whole (E, width) gradient once per block
+            w_blocks = (self.filter_out(h) * env).split(self.hidden, dim=1)
             x0 = self.type_embedding(self.types)  # (n, hidden)
             x = x0.repeat(n_frames, 1)  # (B * n, hidden)
             x_free = x0  # the same beads with no neighbours
             k = 0
             for block in self.blocks:
-                w = w_all[:, k * self.hidden:(k + 1) * self.hidden]
-                x = block(x, w, ii, jj)
+                x = block(x, w_blocks[k], ii, jj)
                 x_free = block.update(x_free, torch.zeros_like(x_free))
                 k += 1
             # Bead energies relative to isolated beads, so that separated beads have zero energy.
