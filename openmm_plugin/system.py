@@ -368,8 +368,9 @@ class CellLists:
 
     def grow(self, positions, box, max_capacity_factor: int = 1 << 10) -> list:
         """Double the capacity that ``positions`` in ``box`` overflow (a cell's, the pair slots, or both), as
-        often as needed, until :meth:`overflowed` is False there; return the new :attr:`capacities`. EnpcgError when that needs more than ``max_capacity_factor`` x the present
-        capacities, or when no capacity would help (a box shrunk below the cell grid)."""
+        often as needed, until :meth:`overflowed` is False there; return the new :attr:`capacities`.
+        EnpcgError when that needs more than ``max_capacity_factor`` x the present capacities, or when no
+        capacity would help (a box shrunk below the cell grid)."""
         x, b = self._tensors(positions, box)
         for pl in _cell_pair_lists(self._model):
             cl = pl.cells[0]
