@@ -368,6 +368,15 @@ def export_forces(model: CGModel, backend: str = "torch", *, periodic: bool = Tr
     if cuda_graphs and backend not in ("torch", "mixed"):
         raise EnpcgError(f"cuda_graphs=True applies to backend='torch' or 'mixed' only; you asked for "
                          f"backend={backend!r}")
+    if positions is not None:
+        if not cuda_graphs:
+            raise EnpcgError("export_forces: 'positions' sizes the cell lists of cuda_graphs=True exports; pass "
+                             "cuda_graphs=True or leave positions out")
+        positions = np.asarray(positions, dtype=np.float64)
+        n_beads = model.topology.n_beads
+        if positions.shape != (n_beads, 3) or not np.all(np.isfinite(positions)):
+            raise EnpcgError(f"export_forces: positions must be a finite ({n_beads}, 3) array in nm, one row per "
+                             f"bead of the model's topology; you supplied shape {positions.shape}")
     kw = {"box": box, "positions": positions} if backend in ("torch", "mixed") else {}
     forces = BACKENDS[backend](model, periodic=bool(periodic), dtype=dtype, cuda_graphs=bool(cuda_graphs), **kw)
     for f in forces:

@@ -156,6 +156,10 @@ def test_graph_safe_export_gives_the_same_forces(chains):
     assert sized.cell_capacity >= need_cell and sized.max_neighbors >= need_slots
     fitted = forces(export_forces(model, "torch", cuda_graphs=True, box=box, positions=x[0].numpy()))
     assert rel(fitted, ref) < 1e-9
+    with pytest.raises(EnpcgError, match="positions must be a finite"):
+        export_forces(model, "torch", cuda_graphs=True, box=box, positions=x[0].numpy()[:-1])
+    with pytest.raises(EnpcgError, match="pass cuda_graphs=True"):
+        export_forces(model, "torch", box=box, positions=x[0].numpy())
 
 
 def test_cell_list_overflow_poisons_the_energy(chains):
